@@ -1,0 +1,371 @@
+"""Typed configuration: dataclasses built from YAML at the entry point only.
+
+``load_config(path)`` reads a YAML file (or a dict, as Snakemake hands over) into
+:class:`Config`. Unknown keys, wrong types and out-of-range values are :class:`InputError`
+naming the key (``train.lr: expected a number, got 'fast'``). Nothing here parses the
+command line; nothing parses at import time.
+
+Every field has a docstring-style comment; the YAML files in ``config/`` show the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cm3dmm.errors import InputError
+from cm3dmm.registered import FACESCAPE_EXPRESSIONS
+
+
+# --------------------------------------------------------------------------- data sources
+@dataclass
+class AnnySourceConfig:
+    n_subjects: int = 40  #: identities sampled from anny's phenotype + face-shape parameters
+    seed: int = 0  #: seed of the identity and per-subject expression sampling
+    identity_scale: float = 1.0  #: scales the spread of the face-shape parameter distribution
+    expression_variation: float = 0.3  #: relative per-subject jitter of each recipe's weights
+    intensity_range: list[float] = field(default_factory=lambda: [0.7, 1.15])  #: per-subject intensity
+
+
+@dataclass
+class ICTSourceConfig:
+    path: str = "../shared/data/ICT-FaceKit"  #: checkout root or its FaceXModel/ folder
+    n_subjects: int = 300  #: identities sampled as neutral + sum w_k (identity_k - neutral)
+    n_components: int = 100  #: identity components used (<= 100)
+    seed: int = 0
+    region: str = "face"  #: "face" (vertices 0-9408) or "narrow" (0-6705)
+    expression_variation: float = 0.3
+    intensity_range: list[float] = field(default_factory=lambda: [0.7, 1.15])
+
+
+@dataclass
+class FaceScapeSourceConfig:
+    path: str = ""  #: folder holding {id}/models_reg/{k}_{name}.obj
+    identities: list[int] = field(default_factory=lambda: list(range(1, 301)))
+    expressions: list[str] = field(default_factory=lambda: list(FACESCAPE_EXPRESSIONS))
+    crop: str = ""  #: vertex-index file (.txt/.npy) or UV-space mask image (.png); "" = whole mesh
+    units: str = "mm"  #: units of the OBJ files: mm | cm | m
+    allow_missing: bool = True  #: missing (subject, expression) pairs are reported, not fatal
+
+
+@dataclass
+class ManifestSourceConfig:
+    path: str = ""  #: CSV with columns subject, expression, path[, split]
+    units: str = "mm"  #: mm | cm | m
+    crop: str = ""  #: optional vertex-index file
+
+
+@dataclass
+class SplitConfig:
+    test_subjects: list[str] = field(default_factory=list)  #: explicit test subjects (wins)
+    test_fraction: float = 0.1  #: otherwise this fraction of subjects, chosen with ``seed``
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = "anny"  #: anny | ict | facescape | manifest
+    anny: AnnySourceConfig = field(default_factory=AnnySourceConfig)
+    ict: ICTSourceConfig = field(default_factory=ICTSourceConfig)
+    facescape: FaceScapeSourceConfig = field(default_factory=FaceScapeSourceConfig)
+    manifest: ManifestSourceConfig = field(default_factory=ManifestSourceConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    preview: bool = True  #: render data/preview.png (a few subjects x all expressions)
+    preview_subjects: int = 3
+
+
+# --------------------------------------------------------------------------- template, cache
+@dataclass
+class TemplateConfig:
+    unwrap: str = "auto"  #: auto (source UVs when valid) | source | harmonic | lscm
+    levels: int = 3  #: upsampling levels 0..levels
+    uv_grids: list[int] = field(default_factory=list)  #: extra uniform UV grid densities
+    mask_resolution: int = 256  #: UV mask raster size (pixels per side)
+    margin: float = 0.02  #: UV margin inside [0, 1]^2 for computed unwrappings
+
+
+@dataclass
+class CacheConfig:
+    n_continuous: int = 8000  #: area-weighted surface points per sample
+    n_heldout: int = 2000  #: held-out surface points per training sample (validation only)
+    scan_distance: float = 0.3  #: mm; scan points farther from the registered surface are dropped
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class EncoderConfig:
+    backend: str = "dense"  #: dense | hash | seed-compatible | tcnn | auto
+    n_levels: int = 8
+    n_features: int = 4  #: features per level
+    base_resolution: int = 4
+    finest_resolution: int = 128
+    log2_table_size: int = 15  #: hash table entries per level (2^x)
+
+
+@dataclass
+class DecoderConfig:
+    widths: list[int] = field(default_factory=lambda: [256, 128, 64])
+    activation_scale: float = 3.0  #: tanh(k x)
+    output_scale: float = 3.0  #: output multiplied by this (mm)
+    weight_norm: bool = True
+    uv_skip: bool = True  #: concatenate UV features to every hidden layer's input
+
+
+@dataclass
+class ModelConfig:
+    id_dim: int = 64
+    exp_dim: int = 64
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass
+class TrainConfig:
+    preset: str = ""  #: "" | paper | cpu — fills model/train defaults before the file's own keys
+    code_mode: str = "per-face"  #: per-face (release) | per-subject identity codes
+    steps: int = 3000  #: optimiser steps
+    batch_faces: int = 8
+    vertex_points: int = 2000
+    continuous_points: int = 1000
+    lr: float = 1e-3
+    code_lr: float = 1e-3
+    lr_milestones: list[float] = field(default_factory=lambda: [0.6, 0.85])  #: fractions of steps
+    lr_gamma: float = 0.3
+    reg_weight: float = 0.1  #: weight of the cosine embedding losses
+    prior_weight: float = 0.3  #: weight of the code mean / std priors
+    code_std: float = 0.01
+    checkpoint_every: int = 500
+    validate_every: int = 250
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0  #: torch threads; 0 = torch's default
+
+
+@dataclass
+class FitConfig:
+    mode: str = "per-subject"  #: per-subject (shared identity) | per-face
+    optimizer: str = "lm"  #: lm (Levenberg-Marquardt) | lbfgs | adam (release protocol)
+    max_iter: int = 50
+    tol: float = 1e-6  #: relative decrease of the objective that counts as converged
+    prior_weight: float = 1e-3
+    scan_iters: int = 5  #: alternations of rigid refinement and code fitting for raw scans
+    trim: float = 0.1  #: fraction of worst correspondences ignored for partial scans
+    level: int = 0  #: upsampling level of the written meshes
+
+
+@dataclass
+class BaselineConfig:
+    methods: list[str] = field(default_factory=lambda: ["pca", "bilinear"])
+    pca_dim: int = 0  #: 0 = the continuous model's id_dim + exp_dim
+    pca_dims: list[int] = field(default_factory=lambda: [32, 64])  #: extra sizes for the tables
+    bilinear_id: int = 50
+    bilinear_exp: int = 52
+
+
+@dataclass
+class EvaluateConfig:
+    levels: list[int] = field(default_factory=lambda: [0, 1, 2])
+    fscore_threshold: float = 1.0  #: mm
+    chamfer_points: int = 20000
+    upsampling_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.25, 1.0])
+    upsampling_steps: int = 0  #: training steps for the upsampling models (0 = train.steps)
+    figures: bool = True
+
+
+@dataclass
+class Config:
+    run: str = "default"  #: results/{run}/
+    results: str = "results"
+    data: DataConfig = field(default_factory=DataConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.results) / self.run
+
+
+# --------------------------------------------------------------------------- validation
+_CHOICES = {
+    "data.source": ("anny", "ict", "facescape", "manifest"),
+    "data.ict.region": ("face", "narrow"),
+    "data.facescape.units": ("mm", "cm", "m"),
+    "data.manifest.units": ("mm", "cm", "m"),
+    "template.unwrap": ("auto", "source", "harmonic", "lscm"),
+    "model.encoder.backend": ("dense", "hash", "seed-compatible", "tcnn", "auto"),
+    "train.preset": ("", "paper", "cpu"),
+    "train.code_mode": ("per-face", "per-subject"),
+    "fit.mode": ("per-subject", "per-face"),
+    "fit.optimizer": ("lm", "lbfgs", "adam"),
+}
+_POSITIVE = {
+    "data.anny.n_subjects", "data.ict.n_subjects", "data.ict.n_components", "template.mask_resolution",
+    "cache.n_continuous", "model.id_dim", "model.exp_dim", "model.encoder.n_levels",
+    "model.encoder.n_features", "model.encoder.base_resolution", "model.encoder.finest_resolution",
+    "model.encoder.log2_table_size", "train.steps", "train.batch_faces", "train.vertex_points",
+    "train.lr", "train.code_lr", "train.checkpoint_every", "train.validate_every", "fit.max_iter",
+    "baselines.bilinear_id", "baselines.bilinear_exp", "evaluate.chamfer_points",
+}
+_NONNEGATIVE = {
+    "template.levels", "cache.n_heldout", "cache.scan_distance", "train.continuous_points",
+    "train.reg_weight", "train.prior_weight", "fit.prior_weight", "fit.tol", "fit.level",
+    "train.threads", "baselines.pca_dim", "evaluate.upsampling_steps", "data.preview_subjects",
+}
+_FRACTIONS = {"data.split.test_fraction", "fit.trim", "data.anny.expression_variation",
+              "data.ict.expression_variation"}
+
+
+def _check_value(key: str, value: Any) -> None:
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise InputError(f"{key}: {value!r} is not one of {list(_CHOICES[key])}")
+    if key in _POSITIVE and not value > 0:
+        raise InputError(f"{key}: must be > 0, got {value!r}")
+    if key in _NONNEGATIVE and not value >= 0:
+        raise InputError(f"{key}: must be >= 0, got {value!r}")
+    if key in _FRACTIONS and not 0 <= value < 1:
+        raise InputError(f"{key}: must be in [0, 1), got {value!r}")
+
+
+def _convert(key: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(key, inner[0], value)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{key}: expected a list, got {value!r}")
+        return [_convert(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise InputError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key.endswith("]"):
+            return str(value)  # subject ids in lists may be written as numbers
+        if not isinstance(value, str):
+            raise InputError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, values: Any, prefix: str = ""):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise InputError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise InputError(f"unknown config key '{where}' (known here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _convert(key, hints[f.name], values[f.name])
+            if not dataclasses.is_dataclass(hints[f.name]):
+                _check_value(key, kwargs[f.name])
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def apply_preset(values: dict) -> dict:
+    """Fill ``model`` / ``train`` defaults from ``train.preset`` (the file's own keys win)."""
+    preset = (values.get("train") or {}).get("preset", "") if isinstance(values.get("train"), dict) else ""
+    if not preset:
+        return values
+    from cm3dmm.presets import PRESETS
+
+    if preset not in PRESETS:
+        raise InputError(f"train.preset: {preset!r} is not one of {sorted(PRESETS)}")
+    return _deep_merge(PRESETS[preset], values)
+
+
+def config_from_dict(values: dict, origin: str | os.PathLike | None = None) -> Config:
+    """Build a :class:`Config` from a plain mapping; errors name ``origin`` and the key."""
+    try:
+        return _build(Config, apply_preset(dict(values or {})))
+    except InputError as exc:
+        if origin is not None and exc.path is None:
+            raise InputError(exc.problem, origin) from None
+        raise
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file, apply ``key.sub=value`` overrides, build a :class:`Config`."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError("config file not found", path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
+    if not isinstance(values, dict):
+        raise InputError("the config must be a mapping of sections", path)
+    for item in overrides or []:
+        values = _deep_merge(values, parse_override(item))
+    return config_from_dict(values, path)
+
+
+def parse_override(item: str) -> dict:
+    """``"train.steps=10"`` -> ``{"train": {"steps": 10}}`` (value parsed as YAML)."""
+    import yaml
+
+    if "=" not in item:
+        raise InputError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw)
+    out: dict = {}
+    cur = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def config_to_dict(cfg) -> dict:
+    """The plain-dict form of a config (for model files, JSON and YAML dumps)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_to_json(cfg) -> str:
+    return json.dumps(config_to_dict(cfg), sort_keys=True)

@@ -1,0 +1,31 @@
+"""Named presets for ``train.preset``: partial configs merged under a file's own keys."""
+
+from __future__ import annotations
+
+#: The release configuration (SEED.md, "Model" and "Training").
+PAPER = {
+    "model": {
+        "id_dim": 128,
+        "exp_dim": 128,
+        "encoder": {"backend": "hash", "n_levels": 16, "n_features": 32, "base_resolution": 4,
+                    "finest_resolution": 128, "log2_table_size": 15},
+        "decoder": {"widths": [512, 256, 256, 128, 32], "activation_scale": 3.0, "output_scale": 3.0,
+                    "weight_norm": True, "uv_skip": True},
+    },
+    "train": {"batch_faces": 20, "vertex_points": 10000, "continuous_points": 5000, "lr": 1e-3,
+              "code_lr": 1e-3, "reg_weight": 0.1, "prior_weight": 0.3, "code_std": 0.01},
+}
+
+#: The CPU default (chosen by measurement, see benchmarks/README.md).
+CPU = {
+    "model": {
+        "id_dim": 64,
+        "exp_dim": 64,
+        "encoder": {"backend": "dense", "n_levels": 8, "n_features": 4, "base_resolution": 4,
+                    "finest_resolution": 128},
+        "decoder": {"widths": [256, 128, 64]},
+    },
+    "train": {"batch_faces": 8, "vertex_points": 2000, "continuous_points": 1000},
+}
+
+PRESETS = {"paper": PAPER, "cpu": CPU}
