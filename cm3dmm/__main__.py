@@ -1,0 +1,3 @@
+from cm3dmm.cli import entry
+
+entry()

@@ -1,0 +1,43 @@
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("PYVISTA_OFF_SCREEN", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ICT = REPO.parent / "shared" / "data" / "ICT-FaceKit"
+
+
+def make_registered(n_subjects=4, n_expr=3, grid=6, seed=0, test_subjects=1):
+    """A tiny registered dataset: a bumpy grid 'face' of grid x grid vertices, ~150 mm wide."""
+    from cm3dmm.registered import FACESCAPE_EXPRESSIONS, RegisteredData
+
+    rng = np.random.default_rng(seed)
+    u, v = np.meshgrid(np.linspace(0, 1, grid), np.linspace(0, 1, grid), indexing="xy")
+    uv = np.stack([u.ravel(), v.ravel()], 1).astype(np.float32)
+    base = np.stack([(uv[:, 0] - 0.5) * 150, (uv[:, 1] - 0.5) * 180,
+                     40 * np.exp(-((uv[:, 0] - 0.5) ** 2 + (uv[:, 1] - 0.5) ** 2) * 8)], 1)
+    faces = []
+    for r in range(grid - 1):
+        for c in range(grid - 1):
+            a = r * grid + c
+            faces += [[a, a + 1, a + grid + 1], [a, a + grid + 1, a + grid]]
+    verts, subj, expr, split = [], [], [], []
+    for s in range(n_subjects):
+        ident = rng.normal(0, 3, base.shape)
+        for e in range(n_expr):
+            off = rng.normal(0, 1.5, base.shape) if e else 0.0
+            verts.append(base + ident + off)
+            subj.append(f"s{s:03d}")
+            expr.append(FACESCAPE_EXPRESSIONS[e])
+            split.append("test" if s >= n_subjects - test_subjects else "train")
+    return RegisteredData(vertices=np.asarray(verts, np.float32), faces=np.asarray(faces, np.int32),
+                          subject=subj, expression=expr, split=split, source="synthetic", uv=uv)
+
+
+@pytest.fixture
+def tiny_registered():
+    return make_registered()

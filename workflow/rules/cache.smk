@@ -1,0 +1,11 @@
+rule cache_samples:
+    input:
+        registered=str(P.registered),
+        template=str(P.template),
+    output:
+        train=str(P.cache("train")),
+        test=str(P.cache("test")),
+    params:
+        cfg=CFG_JSON,
+    shell:
+        "{CLI} cache --config-json {params.cfg:q}"

@@ -1,0 +1,9 @@
+checkpoint prepare_data:
+    output:
+        registered=str(P.registered),
+        check=report(str(P.check), category="1. Data", caption="../report/check.rst"),
+        preview=report(str(P.preview), category="1. Data", caption="../report/preview.rst"),
+    params:
+        cfg=CFG_JSON,
+    shell:
+        "{CLI} prepare --config-json {params.cfg:q}"

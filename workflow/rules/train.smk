@@ -1,0 +1,27 @@
+rule train:
+    input:
+        train=str(P.cache("train")),
+        template=str(P.template),
+    output:
+        model=str(P.model("cm3dmm")),
+        log=str(P.train_log("cm3dmm")),
+        loss=report(str(P.loss_png("cm3dmm")), category="3. Training", caption="../report/loss.rst"),
+    params:
+        cfg=CFG_JSON,
+    threads: workflow.cores
+    shell:
+        "{CLI} train --config-json {params.cfg:q} --set train.threads={threads}"
+
+
+rule train_baseline:
+    input:
+        registered=str(P.registered),
+        template=str(P.template),
+    output:
+        model=str(P.model_dir("{method}") / "model.pt"),
+    wildcard_constraints:
+        method="pca|bilinear",
+    params:
+        cfg=CFG_JSON,
+    shell:
+        "{CLI} train-baseline {wildcards.method} --config-json {params.cfg:q}"
