@@ -146,6 +146,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  #: torch threads; 0 = torch's default
+    log_every: int = 10  #: a train_log.csv row (mean loss terms since the last row) every N steps
+    val_faces: int = 128  #: training faces whose held-out points are validated periodically; 0 = all
 
 
 @dataclass
@@ -215,13 +217,13 @@ _POSITIVE = {
     "cache.n_continuous", "model.id_dim", "model.exp_dim", "model.encoder.n_levels",
     "model.encoder.n_features", "model.encoder.base_resolution", "model.encoder.finest_resolution",
     "model.encoder.log2_table_size", "train.steps", "train.batch_faces", "train.vertex_points",
-    "train.lr", "train.code_lr", "train.checkpoint_every", "train.validate_every", "fit.max_iter",
+    "train.lr", "train.code_lr", "train.checkpoint_every", "train.validate_every", "train.log_every", "fit.max_iter",
     "baselines.bilinear_id", "baselines.bilinear_exp", "evaluate.chamfer_points",
 }
 _NONNEGATIVE = {
     "template.levels", "cache.n_heldout", "cache.scan_distance", "train.continuous_points",
     "train.reg_weight", "train.prior_weight", "fit.prior_weight", "fit.tol", "fit.level",
-    "train.threads", "baselines.pca_dim", "evaluate.upsampling_steps", "data.preview_subjects",
+    "train.threads", "train.val_faces", "baselines.pca_dim", "evaluate.upsampling_steps", "data.preview_subjects",
 }
 _FRACTIONS = {"data.split.test_fraction", "fit.trim", "data.anny.expression_variation",
               "data.ict.expression_variation"}
