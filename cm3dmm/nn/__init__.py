@@ -1,0 +1,34 @@
+"""Networks of the continuous model: UV encoders and the DeepSDF-like decoder.
+
+``make_encoder(cfg.model.encoder)`` builds a :class:`UVEncoder` (``uv (..., 2) -> (..., out_dim)``);
+``Decoder(cfg.model.decoder, code_dim, encoder.out_dim)`` maps ``(codes, uv features)`` to a 3-D
+displacement. The decoder holds no latent codes (training and fitting own them).
+"""
+
+from cm3dmm.nn.decoder import Decoder
+from cm3dmm.nn.encoders import (
+    DenseGridEncoder,
+    GridTableEncoder,
+    TcnnEncoder,
+    UVEncoder,
+    hash_grid_encoder,
+    make_encoder,
+    ngp_resolutions,
+    seed_compatible_encoder,
+    seed_resolutions,
+    tcnn_available,
+)
+
+__all__ = [
+    "Decoder",
+    "DenseGridEncoder",
+    "GridTableEncoder",
+    "TcnnEncoder",
+    "UVEncoder",
+    "hash_grid_encoder",
+    "make_encoder",
+    "ngp_resolutions",
+    "seed_compatible_encoder",
+    "seed_resolutions",
+    "tcnn_available",
+]
