@@ -160,6 +160,11 @@ class FitConfig:
     scan_iters: int = 5  #: alternations of rigid refinement and code fitting for raw scans
     trim: float = 0.1  #: fraction of worst correspondences ignored for partial scans
     level: int = 0  #: upsampling level of the written meshes
+    points: int = 2000  #: lm: target points per face of the first phase (random subset; 0 = all)
+    polish_iters: int = 2  #: lm: iterations on all points after the subset phase
+    units: str = "auto"  #: units of user scans: mm | cm | m | auto (the unit that makes it face-sized)
+    scale: bool = False  #: estimate a scale in the rigid alignment of scans (else rigid only)
+    scan_points: int = 20000  #: scan points used for scan->model correspondences (random subset; 0 = all)
 
 
 @dataclass
@@ -211,6 +216,7 @@ _CHOICES = {
     "train.code_mode": ("per-face", "per-subject"),
     "fit.mode": ("per-subject", "per-face"),
     "fit.optimizer": ("lm", "lbfgs", "adam"),
+    "fit.units": ("mm", "cm", "m", "auto"),
 }
 _POSITIVE = {
     "data.anny.n_subjects", "data.ict.n_subjects", "data.ict.n_components", "template.mask_resolution",
@@ -223,6 +229,7 @@ _POSITIVE = {
 _NONNEGATIVE = {
     "template.levels", "cache.n_heldout", "cache.scan_distance", "train.continuous_points",
     "train.reg_weight", "train.prior_weight", "fit.prior_weight", "fit.tol", "fit.level",
+    "fit.points", "fit.polish_iters", "fit.scan_points",
     "train.threads", "train.val_faces", "baselines.pca_dim", "evaluate.upsampling_steps", "data.preview_subjects",
 }
 _FRACTIONS = {"data.split.test_fraction", "fit.trim", "data.anny.expression_variation",
