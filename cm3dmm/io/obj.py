@@ -143,8 +143,11 @@ def _absolute(idx: np.ndarray, n_before: np.ndarray) -> np.ndarray:
     -> 0-based. Index 0 is invalid in OBJ; it becomes a large negative sentinel that the
     range check reports."""
     out = np.where(idx > 0, idx - 1, idx + n_before)
-    out[idx == 0] = -(1 << 40)
+    out[idx == 0] = _ZERO
     return out
+
+
+_ZERO = -(1 << 40)  #: sentinel for the invalid OBJ index 0
 
 
 # --------------------------------------------------------------------------- line parser
@@ -243,10 +246,12 @@ def _assemble(parts: dict, path: Path) -> Mesh:
         if bad.any():
             k = int(np.flatnonzero(bad)[0])
             face = int(np.searchsorted(np.cumsum(corners), k, side="right"))
-            what = {"v": "vertex", "vt": "texture coordinate", "vn": "normal"}[name]
-            raise InputError(
-                f"face {face} references {what} index out of range (there are {tables[name]} "
-                f"{what}s)", path)
+            if idx[k] == _ZERO:
+                raise InputError(f"face {face} uses index 0 (OBJ indices start at 1)", path)
+            what, plural = {"v": ("vertex", "vertices"), "vt": ("texture coordinate", "texture coordinates"),
+                            "vn": ("normal", "normals")}[name]
+            raise InputError(f"face {face} references {what} index out of range (there are "
+                             f"{tables[name]} {plural})", path)
     tri_corners = fan_triangulate(corners)
     faces = cols["v"][tri_corners]
     polygon = np.repeat(np.arange(len(corners)), corners - 2)
