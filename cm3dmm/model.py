@@ -1,0 +1,318 @@
+"""The continuous morphable model: ``x(uv) = avg(uv) + f(uv, z_id, z_exp)``.
+
+:class:`ContinuousModel` holds the template's arrays (as buffers), a UV encoder and the
+DeepSDF-like decoder (``cm3dmm.nn``). It holds **no latent codes**: training owns its code
+tables, fitting owns its fresh codes (STYLE.md); the model maps any batch of codes and any
+UVs to positions.
+
+    deformation(uv, z_id, z_exp) -> (B, N, 3)          the field f
+    decode(uv, z_id, z_exp, avg=None) -> (B, N, 3)      avg(uv) + f
+    precompute(uv) -> UVContext; decode_context(ctx, z_id, z_exp)   fitting: UV part once
+    mesh(z_id, z_exp, level=0 | grid=n) -> (vertices (B, P, 3), faces (T, 3))
+
+:func:`save_model` / :func:`load_model` write / read ONE self-describing file (``model.pt``):
+method name, format version, the full configuration, the weights, the template it was trained
+with (arrays and hash) and whatever training adds (code tables, the training-set index ->
+(subject, expression) map, code statistics, a summary). ``load_model`` rebuilds the model from
+that file alone.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cm3dmm.config import ModelConfig, config_from_dict, config_to_dict
+from cm3dmm.errors import InputError
+from cm3dmm.io.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+METHOD = "cm3dmm"
+FILE_FORMAT = "cm3dmm-model"
+FORMAT_VERSION = 1
+
+__all__ = ["ContinuousModel", "UVContext", "save_model", "load_model", "METHOD"]
+
+
+@dataclass
+class UVContext:
+    """The code-independent part of a decode at fixed UVs (reused by a fitter).
+
+    uv: (N, 2); feats: (N, F) encoder features; pre: the decoder's per-layer UV
+    contributions (``Decoder.precompute_uv``); avg: (N, 3) average-face positions (mm).
+    """
+
+    uv: torch.Tensor
+    feats: torch.Tensor
+    pre: Any
+    avg: torch.Tensor
+
+    @property
+    def n_points(self) -> int:
+        return int(self.uv.shape[0])
+
+
+class ContinuousModel(nn.Module):
+    """Template + UV encoder + decoder. Sizes come from the template and ``cfg``.
+
+    template: a :class:`cm3dmm.template.Template` (mean (V, 3), faces (T, 3), uv (V, 2),
+    upsampling levels, ``avg(uv)``, ``hash``); cfg: :class:`~cm3dmm.config.ModelConfig`;
+    device: only consulted by the ``tcnn`` / ``auto`` encoder backends (move with ``.to``).
+    """
+
+    def __init__(self, template, cfg: ModelConfig, device: str | torch.device | None = None):
+        super().__init__()
+        from cm3dmm.nn import Decoder, make_encoder
+
+        self.cfg = cfg
+        self._template = template
+        mean = torch.as_tensor(np.asarray(template.mean), dtype=torch.float32)
+        faces = torch.as_tensor(np.asarray(template.faces).astype(np.int64))
+        uv = torch.as_tensor(np.asarray(template.uv), dtype=torch.float32)
+        if mean.ndim != 2 or mean.shape[1] != 3 or uv.shape != (mean.shape[0], 2):
+            raise ValueError(f"template mean (V, 3) and uv (V, 2) disagree: {tuple(mean.shape)}, "
+                             f"{tuple(uv.shape)}")
+        self.register_buffer("mean", mean)
+        self.register_buffer("faces", faces)
+        self.register_buffer("uv", uv)
+        self.encoder = make_encoder(cfg.encoder, device)
+        self.decoder = Decoder(cfg.decoder, code_dim=cfg.id_dim + cfg.exp_dim, uv_dim=self.encoder.out_dim)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def id_dim(self) -> int:
+        return int(self.cfg.id_dim)
+
+    @property
+    def exp_dim(self) -> int:
+        return int(self.cfg.exp_dim)
+
+    @property
+    def code_dim(self) -> int:
+        return self.id_dim + self.exp_dim
+
+    @property
+    def template(self):
+        """The template the model was built with (mean, faces, uv, levels, ``avg``, ``hash``)."""
+        return self._template
+
+    @property
+    def n_vertices(self) -> int:
+        return int(self.mean.shape[0])
+
+    # ------------------------------------------------------------------ helpers
+    def _codes(self, z_id: torch.Tensor, z_exp: torch.Tensor) -> torch.Tensor:
+        """(B, Di), (B, De) -> (B, Di + De), validated."""
+        if z_id.ndim != 2 or z_exp.ndim != 2 or z_id.shape[0] != z_exp.shape[0]:
+            raise ValueError(f"z_id (B, {self.id_dim}) and z_exp (B, {self.exp_dim}) expected, got "
+                             f"{tuple(z_id.shape)} and {tuple(z_exp.shape)}")
+        if z_id.shape[1] != self.id_dim or z_exp.shape[1] != self.exp_dim:
+            raise ValueError(f"code sizes {z_id.shape[1]} + {z_exp.shape[1]} do not match the model's "
+                             f"{self.id_dim} + {self.exp_dim}")
+        return torch.cat([z_id, z_exp], dim=1)
+
+    def avg(self, uv: torch.Tensor) -> torch.Tensor:
+        """Average-face positions at arbitrary UVs, through the template's point location.
+
+        uv: (..., 2) in [0, 1]. Returns (..., 3) float32 on ``uv``'s device (mm).
+        Points outside the UV chart take the nearest chart position (the template's rule).
+        """
+        flat = uv.detach().reshape(-1, 2).cpu().numpy().astype(np.float64)
+        a = np.asarray(self._template.avg(flat), dtype=np.float32)
+        return torch.as_tensor(a, device=uv.device).reshape(*uv.shape[:-1], 3)
+
+    def points_from_bary(self, tri: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
+        """Average-face positions of points given as (template triangle, barycentrics).
+
+        tri: (P,) int; bary: (P, 3). Returns (P, 3).
+        """
+        corners = self.mean[self.faces[tri.long()]]  # (P, 3, 3)
+        return (corners * bary.to(self.mean.dtype)[..., None]).sum(dim=1)
+
+    # ------------------------------------------------------------------ the field
+    def deformation(self, uv: torch.Tensor, z_id: torch.Tensor, z_exp: torch.Tensor) -> torch.Tensor:
+        """The field f: displacement from the average face.
+
+        uv: (N, 2) shared by all codes, or (B, N, 2) per code; z_id: (B, Di); z_exp: (B, De).
+        Returns (B, N, 3) mm.
+        """
+        codes = self._codes(z_id, z_exp)
+        b = codes.shape[0]
+        if not (uv.ndim == 2 and uv.shape[1] == 2) and not (uv.ndim == 3 and uv.shape[0] == b
+                                                            and uv.shape[2] == 2):
+            raise ValueError(f"uv must have shape (N, 2) or ({b}, N, 2), got {tuple(uv.shape)}")
+        feats = self.encoder(uv)  # (N, F) or (B, N, F)
+        # the decoder broadcasts: the code block of each layer is evaluated once per code
+        return self.decoder(codes[:, None, :], feats)  # (B, N, 3)
+
+    def decode(self, uv: torch.Tensor, z_id: torch.Tensor, z_exp: torch.Tensor,
+               avg: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions ``avg(uv) + deformation``.
+
+        uv: (N, 2) or (B, N, 2); avg: matching (N, 3) or (B, N, 3), looked up through the template
+        when None. Returns (B, N, 3) mm.
+        """
+        d = self.deformation(uv, z_id, z_exp)
+        if avg is None:
+            avg = self.avg(uv)
+        if avg.shape[-2:] != d.shape[-2:]:
+            raise ValueError(f"avg must have shape (..., {d.shape[1]}, 3), got {tuple(avg.shape)}")
+        return d + avg.to(d.dtype)
+
+    forward = decode
+
+    # ------------------------------------------------------------------ fitting support
+    def precompute(self, uv: torch.Tensor, avg: torch.Tensor | None = None) -> UVContext:
+        """Encoder features, the decoder's UV contributions and avg at fixed ``uv`` (N, 2)."""
+        if uv.ndim != 2 or uv.shape[1] != 2:
+            raise ValueError(f"uv must have shape (N, 2), got {tuple(uv.shape)}")
+        feats = self.encoder(uv)
+        pre = self.decoder.precompute_uv(feats)
+        if avg is None:
+            avg = self.avg(uv)
+        return UVContext(uv=uv, feats=feats, pre=pre, avg=avg)
+
+    def decode_context(self, ctx: UVContext, z_id: torch.Tensor, z_exp: torch.Tensor) -> torch.Tensor:
+        """Same as ``decode(ctx.uv, z_id, z_exp, ctx.avg)`` with the UV part reused. (B, N, 3)."""
+        codes = self._codes(z_id, z_exp)
+        d = self.decoder.forward_codes(codes[:, None, :], ctx.pre)
+        return d + ctx.avg.to(d.dtype)
+
+    # ------------------------------------------------------------------ meshes
+    def mesh_points(self, level: int = 0, grid: int | None = None):
+        """The (uv (P, 2), avg (P, 3), faces (T, 3)) of an upsampling level or a UV grid."""
+        if grid is not None:
+            from cm3dmm.upsample import uv_grid
+
+            lvl = uv_grid(self._template, int(grid))
+        else:
+            levels = self._template.levels
+            if not 0 <= int(level) < len(levels):
+                raise ValueError(f"level must be in 0..{len(levels) - 1}, got {level}")
+            lvl = levels[int(level)]
+        dev = self.mean.device
+        uv = torch.as_tensor(np.asarray(lvl.uv), dtype=torch.float32, device=dev)
+        tri = torch.as_tensor(np.asarray(lvl.tri).astype(np.int64), device=dev)
+        bary = torch.as_tensor(np.asarray(lvl.bary), dtype=torch.float32, device=dev)
+        avg = self.points_from_bary(tri, bary)
+        faces = torch.as_tensor(np.asarray(lvl.faces).astype(np.int64), device=dev)
+        return uv, avg, faces
+
+    def mesh(self, z_id: torch.Tensor, z_exp: torch.Tensor, level: int = 0,
+             grid: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Meshes at upsampling ``level`` (or a uniform UV grid of density ``grid``).
+
+        z_id: (B, Di); z_exp: (B, De). Returns vertices (B, P, 3) mm and faces (T, 3) int64,
+        P the level's (grid's) point count.
+        """
+        uv, avg, faces = self.mesh_points(level, grid)
+        return self.decode(uv, z_id, z_exp, avg=avg), faces
+
+
+# ---------------------------------------------------------------------------- template <-> file
+def _template_state(template) -> dict:
+    from cm3dmm.template import template_to_arrays
+
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in template_to_arrays(template).items()}
+
+
+def _template_from_state(state: dict):
+    from cm3dmm.template import template_from_arrays
+
+    return template_from_arrays({k: v.numpy() for k, v in state.items()})
+
+
+# ---------------------------------------------------------------------------- save / load
+def _to_tensors(obj):
+    """numpy arrays -> tensors (recursively), so the file loads with ``weights_only=True``."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _to_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_tensors(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def save_model(path: str | os.PathLike, model: ContinuousModel, extra: dict | None = None) -> None:
+    """Write ``model`` (+ ``extra``: codes, index map, code stats, config, summary) to ONE file.
+
+    Written atomically. Arrays in ``extra`` may be numpy or torch; they are stored as tensors.
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FILE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": METHOD,
+        "model_config": config_to_dict(model.cfg),
+        "state_dict": state,
+        "template": _template_state(model.template),
+        "template_hash": str(getattr(model.template, "hash", "")),
+        "extra": _to_tensors(dict(extra or {})),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def read_model_file(path: str | os.PathLike, method: str = METHOD) -> dict:
+    """The raw payload of a model file, validated (format, version, method); InputError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("model file not found", path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, io.UnsupportedOperation) as exc:
+        raise InputError(f"model file is corrupt or truncated ({str(exc).splitlines()[0][:120]})",
+                         path) from None
+    except Exception as exc:  # pickle errors of foreign files
+        raise InputError(f"not a cm3dmm model file ({type(exc).__name__})", path) from None
+    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+        raise InputError("not a cm3dmm model file (no 'format' entry)", path)
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"model file format_version {payload.get('format_version')} is not "
+                         f"{FORMAT_VERSION}; retrain or use a matching cm3dmm", path)
+    if payload.get("method") != method:
+        raise InputError(f"model file holds method {payload.get('method')!r}, expected {method!r}", path)
+    for key in ("model_config", "state_dict", "template", "extra"):
+        if key not in payload:
+            raise InputError(f"model file lacks '{key}'", path)
+    return payload
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ContinuousModel, dict]:
+    """Rebuild a :class:`ContinuousModel` from a ``model.pt`` alone.
+
+    Returns ``(model, extra)`` (model in eval mode on ``device``; ``extra`` as saved, arrays as
+    tensors). A missing, truncated or foreign file (other method / format) is an
+    :class:`~cm3dmm.errors.InputError` naming the file.
+    """
+    path = Path(path)
+    payload = read_model_file(path)
+    try:
+        mcfg = config_from_dict({"model": payload["model_config"]}).model
+        template = _template_from_state(payload["template"])
+        model = ContinuousModel(template, mcfg)
+        model.load_state_dict(payload["state_dict"])
+    except InputError as exc:
+        raise InputError(f"model file has an invalid configuration ({exc.problem})", path) from None
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"model file is inconsistent ({str(exc).splitlines()[0][:160]})", path) from None
+    stored = payload.get("template_hash", "")
+    if stored and str(getattr(template, "hash", stored)) != stored:
+        raise InputError("model file's template arrays do not match its template hash", path)
+    model.eval()
+    return model.to(device), payload["extra"]

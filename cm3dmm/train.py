@@ -1,0 +1,647 @@
+"""Auto-decoder training of the continuous model (``cm3dmm train``, rule ``train``).
+
+    run_train(cfg, method=None) -> TrainResult
+
+reads ``cache/train.h5`` and ``template/template.npz`` of the run and writes
+``models/{method}/model.pt`` (the best model by validation error), ``train_log.csv`` (step, loss
+terms, lr, elapsed seconds, validation error in mm), ``loss.png`` and ``checkpoints/``.
+
+Training owns the latent code tables (``nn.Embedding``, initialised N(0, code_std)):
+
+* ``code_mode: per-face`` (the release): one identity and one expression code per training face,
+  tied together by the cosine-embedding losses (same subject / same expression pulled together);
+* ``code_mode: per-subject``: one identity code per subject, one expression code per face.
+
+Objective: :func:`cm3dmm.losses.training_loss`. Optimiser: Adam (network ``lr``, codes
+``code_lr``), multi-step decay at ``lr_milestones`` (fractions of ``steps``) by ``lr_gamma``.
+
+**Batches** are a pure function of ``(seed, step)``: the faces of step ``s`` are positions
+``s B .. s B + B - 1`` of an endless sequence of per-epoch permutations (epoch ``e`` permuted by a
+generator seeded with ``(seed, e)``), and each face reads its points starting at offset
+``s * N`` of the cache's stored shuffled order. Nothing else is random after initialisation.
+
+**Validation** every ``validate_every`` steps (and at the last step): the mean Euclidean error (mm)
+at the held-out UV points of the training faces (``SampleCache.heldout``: points never used for
+training), decoded with the learned codes — on up to ``val_faces`` faces chosen once, evenly.
+The best model by this error is kept (``checkpoints/best.pt``) and becomes ``model.pt``.
+
+**Resume**: ``checkpoints/last.pt`` (written atomically every ``checkpoint_every`` steps and at the
+end) holds the weights, codes, optimiser, scheduler, RNG states, the step, the best-so-far record and
+the log rows. A run that is killed at any moment and restarted continues from it and ends with the
+same weights as an uninterrupted run (same seed, same thread count). A checkpoint written for another
+configuration (model / training settings, template, cache, world size) is not resumed from: training
+starts afresh and overwrites it (a warning is logged). ``threads``, ``device``, ``checkpoint_every``,
+``validate_every``, ``val_faces`` and ``log_every`` may change between runs.
+
+**DDP**: under ``torchrun`` (``WORLD_SIZE > 1``) the network and the code tables are wrapped in
+``DistributedDataParallel`` (gloo on CPU, nccl on CUDA; each rank on ``cuda:LOCAL_RANK``); every
+step's B faces are split between the ranks (``faces[rank::world]``), so the averaged gradient is that
+of the whole batch; every rank keeps identical weights (checked at the end) and only rank 0 validates
+and writes files. Launch:
+
+    torchrun --standalone --nproc_per_node 2 -m cm3dmm train --config config/config.yaml
+
+**Numerical guard**: a NaN / inf loss (or non-finite weights at a checkpoint) stops training with a
+:class:`~cm3dmm.errors.StageError`; the last good checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cm3dmm.config import Config, config_to_dict
+from cm3dmm.errors import InputError, StageError
+from cm3dmm.io.atomic import atomic_path, atomic_write_text
+from cm3dmm.losses import training_loss
+from cm3dmm.model import METHOD, ContinuousModel, save_model
+from cm3dmm.paths import RunPaths
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "cm3dmm-checkpoint"
+CHECKPOINT_VERSION = 1
+LOSS_TERMS = ("total", "distance", "id_cos", "exp_cos", "mean_prior", "std_prior")
+LOG_COLUMNS = ("step",) + LOSS_TERMS + ("lr", "code_lr", "elapsed_s", "val_mm")
+#: train-config fields that may change between a run and its resumption
+_RESUMABLE_CHANGES = ("threads", "device", "checkpoint_every", "validate_every", "val_faces", "log_every")
+
+__all__ = ["run_train", "train", "TrainResult", "TrainData", "batch_faces", "CodeTables"]
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    model_path: Path
+    steps: int  #: optimiser steps done in total
+    best_step: int  #: step of the saved (best) model
+    best_val_mm: float  #: its validation error on the periodic validation faces
+    final_val_mm: float  #: the saved model's error on the held-out points of all training faces
+    wall_s: float  #: training time, summed over resumptions
+    resumed_from: int = 0  #: step of the checkpoint this run started from (0 = fresh)
+    log_rows: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class TrainData:
+    """The training faces of a cache with their labels and code rows.
+
+    faces: (n,) cache sample indices; subject / expression: (n,) names;
+    id_row / exp_row: (n,) rows of the identity / expression code tables; subject_label /
+    expression_label: (n,) integer labels for the cosine-embedding losses.
+    """
+
+    cache: object
+    faces: np.ndarray
+    subject: list[str]
+    expression: list[str]
+    code_mode: str
+    id_row: np.ndarray
+    exp_row: np.ndarray
+    subject_label: np.ndarray
+    expression_label: np.ndarray
+    id_names: list[str]  #: what each identity-code row stands for (subject or subject/expression)
+
+    @property
+    def n(self) -> int:
+        return int(len(self.faces))
+
+    @property
+    def n_id_codes(self) -> int:
+        return int(self.id_row.max()) + 1
+
+    @property
+    def n_exp_codes(self) -> int:
+        return int(self.exp_row.max()) + 1
+
+    @classmethod
+    def from_cache(cls, cache, code_mode: str) -> "TrainData":
+        subject = [str(s) for s in cache.subject]
+        expression = [str(e) for e in cache.expression]
+        n = len(subject)
+        if n == 0:
+            raise InputError("the training cache holds no faces", getattr(cache, "path", None))
+        subjects = list(dict.fromkeys(subject))
+        expressions = list(dict.fromkeys(expression))
+        s_label = np.array([subjects.index(s) for s in subject], np.int64)
+        e_label = np.array([expressions.index(e) for e in expression], np.int64)
+        faces = np.arange(n, dtype=np.int64)
+        if code_mode == "per-face":
+            id_row = faces.copy()
+            id_names = [f"{s}/{e}" for s, e in zip(subject, expression)]
+        elif code_mode == "per-subject":
+            id_row = s_label.copy()
+            id_names = subjects
+        else:
+            raise InputError(f"train.code_mode: {code_mode!r} is not one of ['per-face', 'per-subject']")
+        return cls(cache=cache, faces=faces, subject=subject, expression=expression, code_mode=code_mode,
+                   id_row=id_row, exp_row=faces.copy(), subject_label=s_label, expression_label=e_label,
+                   id_names=id_names)
+
+    def read(self, positions: np.ndarray, n_vertex: int, n_continuous: int, offset: int,
+             device: torch.device) -> dict[str, torch.Tensor]:
+        """The points of faces ``positions`` (indices into ``faces``): uv, target, avg (B, N, .)."""
+        batch = self.cache.read(self.faces[positions], n_vertex, n_continuous, offset=offset)
+        return {k: torch.as_tensor(np.asarray(batch[k]), dtype=torch.float32).to(device)
+                for k in ("uv", "target", "avg")}
+
+    def heldout(self, positions: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        batch = self.cache.heldout(self.faces[positions])
+        return {k: torch.as_tensor(np.asarray(batch[k]), dtype=torch.float32).to(device)
+                for k in ("uv", "target", "avg")}
+
+
+@lru_cache(maxsize=8)
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+def batch_faces(seed: int, step: int, batch: int, n: int) -> np.ndarray:
+    """The face positions (into ``TrainData.faces``) of optimiser step ``step`` — a pure function.
+
+    Positions ``step * batch + k`` (k < batch) of the endless sequence of per-epoch
+    permutations of ``range(n)``; epoch ``e`` is permuted by ``default_rng([seed, e])``.
+    Returns (batch,) int64.
+    """
+    pos = np.arange(step * batch, step * batch + batch, dtype=np.int64)
+    out = np.empty(batch, dtype=np.int64)
+    for epoch in np.unique(pos // n):
+        sel = pos // n == epoch
+        out[sel] = _epoch_order(seed, int(epoch), n)[pos[sel] % n]
+    return out
+
+
+def _val_positions(n: int, k: int) -> np.ndarray:
+    """Up to ``k`` face positions spread evenly over ``range(n)`` (all when k <= 0 or k >= n)."""
+    if k <= 0 or k >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
+
+
+# ---------------------------------------------------------------------------- the trained module
+class CodeTables(nn.Module):
+    """The training-time latent codes plus the model (one module, so DDP syncs both).
+
+    ``forward(uv, avg, id_rows, exp_rows)`` -> (pred (B, N, 3), z_id (B, Di), z_exp (B, De)).
+    """
+
+    def __init__(self, model: ContinuousModel, n_id: int, n_exp: int, code_std: float,
+                 generator: torch.Generator):
+        super().__init__()
+        self.model = model
+        self.id_codes = nn.Embedding(n_id, model.id_dim)
+        self.exp_codes = nn.Embedding(n_exp, model.exp_dim)
+        with torch.no_grad():
+            self.id_codes.weight.normal_(0.0, code_std, generator=generator)
+            self.exp_codes.weight.normal_(0.0, code_std, generator=generator)
+
+    def forward(self, uv, avg, id_rows, exp_rows):
+        z_id = self.id_codes(id_rows)
+        z_exp = self.exp_codes(exp_rows)
+        return self.model.decode(uv, z_id, z_exp, avg=avg), z_id, z_exp
+
+
+# ---------------------------------------------------------------------------- distributed
+@dataclass
+class _Dist:
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "_Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _device(cfg_device: str, dist: _Dist) -> torch.device:
+    dev = torch.device(cfg_device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"train.device: {cfg_device!r} but CUDA is not available")
+        if dist.world > 1:
+            dev = torch.device("cuda", dist.local_rank)
+    return dev
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _fingerprint(cfg: Config, template_hash: str, cache_id: str, world: int, method: str) -> str:
+    t = {k: v for k, v in config_to_dict(cfg.train).items() if k not in _RESUMABLE_CHANGES}
+    blob = json.dumps({"model": config_to_dict(cfg.model), "train": t, "template": template_hash,
+                       "cache": cache_id, "world": world, "method": method}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _save_torch(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    """The checkpoint at ``path`` if it exists, is readable and belongs to this configuration."""
+    if not path.exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # an atomic write never leaves a partial file; be safe anyway
+        log.warning("%s: unreadable checkpoint (%s); starting afresh", path, str(exc)[:120])
+        return None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT \
+            or ckpt.get("version") != CHECKPOINT_VERSION:
+        log.warning("%s: not a checkpoint of this cm3dmm version; starting afresh", path)
+        return None
+    if ckpt.get("fingerprint") != fingerprint:
+        log.warning("%s: checkpoint of another configuration, template or cache; starting afresh", path)
+        return None
+    return ckpt
+
+
+def _best_path(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"best-{step:09d}.pt"
+
+
+def _prune_best(ckpt_dir: Path, keep: int, drop_after: int | None = None) -> None:
+    """Remove best-model files other than step ``keep`` (only those after ``drop_after`` if given).
+
+    ``last.pt`` records which best file is current; files of later steps may exist when a run was
+    killed between a new best and the next checkpoint (the resumed run rewrites them).
+    """
+    for p in ckpt_dir.glob("best-*.pt"):
+        try:
+            step = int(p.stem.split("-", 1)[1])
+        except ValueError:
+            continue
+        if step == keep:
+            continue
+        if drop_after is None or step > drop_after:
+            p.unlink(missing_ok=True)
+
+
+def _finite_params(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------- log outputs
+def _write_log(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in LOG_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _plot_loss(path: Path, rows: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.plot(steps, [r["distance"] for r in rows], lw=1.2, label="training distance (mm)")
+    ax.plot(steps, [r["total"] for r in rows], lw=0.8, alpha=0.6, label="training loss (total)")
+    val = [(r["step"], r["val_mm"]) for r in rows if r.get("val_mm") is not None]
+    if val:
+        ax.plot(*zip(*val), "o-", ms=3, lw=1.4, label="validation error, held-out UV points (mm)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mm (log scale)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- validation
+@torch.no_grad()
+def _validate(net: CodeTables, data: TrainData, positions: np.ndarray, device: torch.device,
+              chunk: int = 16) -> float:
+    """Mean Euclidean error (mm) at the held-out points of the faces ``positions``."""
+    was = net.training
+    net.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(positions), chunk):
+        pos = positions[s:s + chunk]
+        held = data.heldout(pos, device)
+        if held["uv"].shape[1] == 0:
+            continue
+        id_rows = torch.as_tensor(data.id_row[pos], device=device)
+        exp_rows = torch.as_tensor(data.exp_row[pos], device=device)
+        pred, _, _ = net(held["uv"], held["avg"], id_rows, exp_rows)
+        err = torch.linalg.vector_norm(pred - held["target"], dim=-1)
+        total += float(err.sum())
+        count += err.numel()
+    net.train(was)
+    if count == 0:
+        raise InputError("the training cache holds no held-out points (cache.n_heldout = 0); validation "
+                         "needs them", getattr(data.cache, "path", None))
+    return total / count
+
+
+# ---------------------------------------------------------------------------- entry point
+def run_train(cfg: Config, method: str | None = None) -> TrainResult:
+    """Train the continuous model of run ``cfg.run_dir`` -> ``models/{method}/model.pt``."""
+    from cm3dmm.cache import SampleCache
+    from cm3dmm.template import load_template
+
+    method = method or METHOD
+    paths = RunPaths.of(cfg.run_dir)
+    template = load_template(paths.template)
+    cache = SampleCache(paths.cache("train"), template_hash=template.hash)
+    try:
+        return train(cfg, template, cache, paths, method)
+    finally:
+        close = getattr(cache, "close", None)
+        if close is not None:
+            close()
+
+
+def train(cfg: Config, template, cache, paths: RunPaths, method: str = METHOD,
+          time_budget_s: float | None = None) -> TrainResult:
+    """Train on ``cache`` (a :class:`cm3dmm.cache.SampleCache` of the train split) with ``template``;
+    write the model, log, plot and checkpoints under ``paths`` for ``method``.
+
+    ``time_budget_s`` (benchmarks): stop after the first step that ends past this many seconds of
+    training and treat it as the last step (validated, checkpointed, saved). Not resumable to the
+    same result, since where it stops depends on the machine's speed.
+    """
+    tc = cfg.train
+    dist = _Dist.from_env()
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    device = _device(tc.device, dist)
+    data = TrainData.from_cache(cache, tc.code_mode)
+    if tc.batch_faces < dist.world:
+        raise InputError(f"train.batch_faces ({tc.batch_faces}) is smaller than the number of processes "
+                         f"({dist.world})")
+    owns_group = False
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            tdist.init_process_group(backend=backend)
+            owns_group = True
+    try:
+        return _train(cfg, template, data, paths, method, dist, device, time_budget_s)
+    finally:
+        if owns_group:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+
+
+def _cache_id(cache) -> str:
+    for name in ("content_hash", "hash"):
+        v = getattr(cache, name, None)
+        if isinstance(v, str) and v:
+            return v
+    return f"{len(list(cache.subject))}"
+
+
+def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str, dist: _Dist,
+           device: torch.device, time_budget_s: float | None = None) -> TrainResult:
+    tc = cfg.train
+    ckpt_dir = paths.checkpoints(method)
+    last_path = ckpt_dir / "last.pt"
+    fingerprint = _fingerprint(cfg, str(template.hash), _cache_id(data.cache), dist.world, method)
+
+    # --- the same initial weights on every rank, from the seed
+    torch.manual_seed(tc.seed)
+    gen = torch.Generator().manual_seed(tc.seed)
+    model = ContinuousModel(template, cfg.model, device=device)
+    net = CodeTables(model, data.n_id_codes, data.n_exp_codes, tc.code_std, gen).to(device)
+    code_params = list(net.id_codes.parameters()) + list(net.exp_codes.parameters())
+    opt = torch.optim.Adam([{"params": list(net.model.parameters()), "lr": tc.lr},
+                            {"params": code_params, "lr": tc.code_lr}])
+    milestones = sorted({max(1, int(round(f * tc.steps))) for f in tc.lr_milestones if 0 < f < 1})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=tc.lr_gamma)
+
+    start, best, rows, elapsed0, acc = 0, {"step": -1, "val": math.inf}, [], 0.0, None
+    ckpt = _load_checkpoint(last_path, fingerprint)
+    if ckpt is not None:
+        net.load_state_dict(ckpt["net"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        start, best, rows, elapsed0, acc = (ckpt["step"], ckpt["best"], ckpt["rows"], ckpt["elapsed"],
+                                            ckpt["acc"])
+        log.info("resuming %s from step %d (%s)", method, start, last_path)
+    if dist.main:
+        # best files newer than the checkpoint are replayed (and rewritten) by this run
+        _prune_best(ckpt_dir, keep=best["step"], drop_after=start)
+    resumed_from = start
+
+    ddp = net
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    val_pos = _val_positions(data.n, tc.val_faces)
+    n_points = tc.vertex_points + tc.continuous_points
+    if acc is None:
+        acc = {"n": 0, **{k: 0.0 for k in LOSS_TERMS}}
+    t0 = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed0 + time.perf_counter() - t0
+
+    def checkpoint(step: int) -> None:
+        if not _finite_params(net):
+            raise StageError(f"training diverged: non-finite weights at step {step}; the last good "
+                             f"checkpoint is kept ({last_path})")
+        if dist.main:
+            _save_torch(last_path, {
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
+                "step": step, "net": net.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": _rng_state(), "best": dict(best), "rows": rows,
+                "elapsed": elapsed(), "acc": dict(acc)})
+            _prune_best(ckpt_dir, keep=best["step"])
+            _write_log(paths.train_log(method), rows)
+
+    bar = _progress(tc.steps, start, dist)
+    done = start
+    try:
+        for step in range(start, tc.steps):
+            positions = batch_faces(tc.seed, step, tc.batch_faces, data.n)[dist.rank::dist.world]
+            batch = data.read(positions, tc.vertex_points, tc.continuous_points, step * n_points, device)
+            id_rows = torch.as_tensor(data.id_row[positions], device=device)
+            exp_rows = torch.as_tensor(data.exp_row[positions], device=device)
+            pred, z_id, z_exp = ddp(batch["uv"], batch["avg"], id_rows, exp_rows)
+            terms = training_loss(
+                pred, batch["target"], z_id, z_exp,
+                torch.as_tensor(data.subject_label[positions], device=device),
+                torch.as_tensor(data.expression_label[positions], device=device),
+                net.id_codes.weight, net.exp_codes.weight,
+                tc.reg_weight, tc.prior_weight, tc.code_std)
+            values = torch.stack([terms[k].detach() for k in LOSS_TERMS])
+            if dist.world > 1:
+                import torch.distributed as tdist
+
+                tdist.all_reduce(values)
+                values /= dist.world
+            values = values.cpu().tolist()
+            if not all(math.isfinite(v) for v in values):
+                raise StageError(
+                    f"training diverged: the loss is {values[0]} at step {step + 1} (distance "
+                    f"{values[1]}); lower train.lr / train.code_lr. The last good checkpoint is kept "
+                    f"({last_path if last_path.exists() else 'none written yet'})")
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            opt.step()
+            sched.step()
+            done = step + 1
+            acc["n"] += 1
+            for k, v in zip(LOSS_TERMS, values):
+                acc[k] += v
+            is_last = done == tc.steps
+            if time_budget_s is not None and not is_last:
+                over = torch.tensor(float(elapsed() - elapsed0 > time_budget_s))
+                if dist.world > 1:
+                    import torch.distributed as tdist
+
+                    tdist.all_reduce(over, op=tdist.ReduceOp.MAX)
+                is_last = bool(over)
+            validate = done % tc.validate_every == 0 or is_last
+            if done % tc.log_every == 0 or validate:
+                row = {"step": done, **{k: acc[k] / acc["n"] for k in LOSS_TERMS},
+                       "lr": opt.param_groups[0]["lr"], "code_lr": opt.param_groups[1]["lr"],
+                       "elapsed_s": round(elapsed(), 3), "val_mm": None}
+                acc = {"n": 0, **{k: 0.0 for k in LOSS_TERMS}}
+                if validate and dist.main:
+                    row["val_mm"] = _validate(net, data, val_pos, device)
+                    if row["val_mm"] < best["val"]:
+                        best = {"step": done, "val": row["val_mm"]}
+                        _save_torch(_best_path(ckpt_dir, done),
+                                    {"step": done, "val": row["val_mm"], "net": net.state_dict()})
+                    log.info("step %d: distance %.4f mm, validation %.4f mm", done, row["distance"],
+                             row["val_mm"])
+                rows.append(row)
+                if bar is not None:
+                    bar.set_postfix(dist=f"{row['distance']:.3f}",
+                                    val="" if row["val_mm"] is None else f"{row['val_mm']:.3f}")
+            if done % tc.checkpoint_every == 0 or is_last:
+                checkpoint(done)
+            if bar is not None:
+                bar.update(1)
+            if is_last:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+
+    wall = elapsed()
+    identical = _ranks_identical(net, dist)
+    if not dist.main:
+        return TrainResult(paths.model(method), done, best["step"], best["val"], math.nan, wall,
+                           resumed_from, rows)
+
+    # --- the best model becomes model.pt
+    best_ckpt = torch.load(_best_path(ckpt_dir, best["step"]), map_location="cpu", weights_only=False)
+    net.load_state_dict(best_ckpt["net"])
+    all_pos = np.arange(data.n, dtype=np.int64)
+    final_val = _validate(net, data, all_pos, device)
+    summary = {
+        "steps": done, "best_step": best["step"], "best_val_mm": best["val"],
+        "val_all_faces_mm": final_val, "val_faces": int(len(val_pos)), "wall_s": wall,
+        "points_per_s": done * tc.batch_faces * n_points / max(wall, 1e-9),
+        "world_size": dist.world, "ranks_identical": identical, "device": str(device),
+        "n_faces": data.n, "n_subjects": int(data.subject_label.max()) + 1,
+        "resumed_from": resumed_from, "final_distance_mm": rows[-1]["distance"] if rows else None,
+    }
+    extra = _model_extra(cfg, net, data, summary, method)
+    save_model(paths.model(method), net.model.cpu(), extra)
+    _write_log(paths.train_log(method), rows)
+    _plot_loss(paths.loss_png(method), rows,
+               f"{method}: best {best['val']:.3f} mm at step {best['step']} (held-out UV points)")
+    log.info("%s: model %s (best step %d, validation %.4f mm, all faces %.4f mm, %.1f s)", method,
+             paths.model(method), best["step"], best["val"], final_val, wall)
+    return TrainResult(paths.model(method), done, best["step"], best["val"], final_val, wall,
+                       resumed_from, rows)
+
+
+def _ranks_identical(net: nn.Module, dist: _Dist) -> bool:
+    """True when every rank holds bitwise the same parameters (always True without DDP)."""
+    if dist.world == 1:
+        return True
+    import torch.distributed as tdist
+
+    flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in net.parameters()])
+    digest = hashlib.sha256(flat.numpy().tobytes()).digest()[:8]
+    mine = torch.tensor(list(digest), dtype=torch.int64)
+    if tdist.get_backend() == "nccl":
+        mine = mine.cuda()
+    gathered = [torch.zeros_like(mine) for _ in range(dist.world)]
+    tdist.all_gather(gathered, mine)
+    same = all(bool(torch.equal(g, gathered[0])) for g in gathered)
+    if not same:
+        log.error("DDP ranks ended with different weights")
+    return same
+
+
+def _model_extra(cfg: Config, net: CodeTables, data: TrainData, summary: dict, method: str) -> dict:
+    id_w = net.id_codes.weight.detach().cpu()
+    exp_w = net.exp_codes.weight.detach().cpu()
+    return {
+        "config": config_to_dict(cfg),
+        "train_config": config_to_dict(cfg.train),
+        "folder": method,
+        "code_mode": data.code_mode,
+        "codes": {"id": id_w.clone(), "exp": exp_w.clone()},
+        "code_stats": {"id_mean": id_w.mean(0), "id_std": id_w.std(0, unbiased=False),
+                       "exp_mean": exp_w.mean(0), "exp_std": exp_w.std(0, unbiased=False)},
+        "index": {"subject": list(data.subject), "expression": list(data.expression),
+                  "cache_sample": torch.as_tensor(data.faces), "id_row": torch.as_tensor(data.id_row),
+                  "exp_row": torch.as_tensor(data.exp_row), "id_names": list(data.id_names)},
+        "summary": summary,
+    }
+
+
+def _progress(total: int, initial: int, dist: _Dist):
+    if not dist.main:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr,
+                disable=not sys.stderr.isatty(), dynamic_ncols=True)
