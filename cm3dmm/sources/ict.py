@@ -14,7 +14,7 @@ does):
 * expression e = identity + sum_b w'_b (shape_b - neutral), where ``w'`` is the recipe of
   :data:`RECIPES` performed the subject's own way: one intensity ``a ~ U(intensity_range)``
   per (subject, expression) and a relative jitter per shape,
-  ``w'_b = clip(a * w_b * (1 + expression_variation * n_b), 0, 1.5)`` with
+  ``w'_b = clip(a * w_b * (1 + expression_variation * n_b), 0, 1.2)`` with
   ``n_b ~ N(0, 1)`` clipped to [-2, 2]. Left and right shapes are jittered independently,
   so people smile asymmetrically. ``neutral`` has no expression offset.
 
