@@ -150,6 +150,18 @@ assert tuple(EXPRESSION_RECIPES) == FACESCAPE_EXPRESSIONS
 ACTION_MAX = 1.3
 ACTION_LIMITS = {"eyeBlinkLeft": 1.0, "eyeBlinkRight": 1.0}
 
+#: Face areas of the facial actions (by name prefix) for the co-activation of a rendition:
+#: a recipe's rendition also weakly activates the other actions of the areas it uses.
+ACTION_AREAS = {
+    "upper": ("brow", "eyeBlink", "eyeSquint", "eyeWide"),
+    "lower": ("cheek", "jaw", "mouth", "noseSneer"),
+}
+#: Scale of the co-activation weights (times ``expression_variation`` and the intensity).
+CO_ACTIVATION = 0.5
+#: Actions that never co-activate: they open the mouth or close the eyes, which changes
+#: the expression's category rather than its style.
+NO_CO_ACTIVATION = ("jawOpen", "mouthClose", "eyeBlinkLeft", "eyeBlinkRight", "tongueOut")
+
 #: Unsided local changes that shift or tilt a whole feature sideways: sampled with a third
 #: of the spread (faces are nearly symmetric).
 LATERAL_LOCAL_CHANGES = ("head-angle-out", "head-trans-out", "mouth-trans-out", "nose-trans-out")
@@ -537,7 +549,10 @@ def sample_expressions(model, n: int, rng: np.random.Generator, variation: float
     :data:`ACTION_MAX`, :data:`ACTION_LIMITS`) and every bone
     motion component ``b`` becomes ``b k (1 + variation g)``, with an independent
     ``g ~ N(0, 1)`` per weight / component (left and right actions independently, so
-    renditions are slightly asymmetric). Zero entries stay zero: "neutral" stays neutral.
+    renditions are slightly asymmetric). In addition every other action of the face areas
+    the recipe uses (:data:`ACTION_AREAS`) gets a co-activation weight
+    ``CO_ACTIVATION variation k |g|`` (people never move one muscle alone), so each subject's
+    rendition leaves the recipe's direction. An empty recipe ("neutral") stays neutral.
     """
     names = list(recipes)
     fa = list(model.facial_action_labels)
@@ -547,8 +562,17 @@ def sample_expressions(model, n: int, rng: np.random.Generator, variation: float
     A = np.zeros((n, E, len(fa)))
     rot: dict[str, np.ndarray] = {}
     trans: dict[str, np.ndarray] = {}
+    def areas(action):
+        return {a for a, prefixes in ACTION_AREAS.items() if action.startswith(prefixes)}
+
     for e, name in enumerate(names):
         rec = recipes[name]
+        used = set().union(*(areas(a) for a in rec.get("actions", {}))) if rec.get("actions") else set()
+        for j, act in enumerate(fa):
+            if act not in rec.get("actions", {}) and act not in NO_CO_ACTIVATION and areas(act) & used:
+                g = np.abs(rng.normal(0.0, 1.0, n))
+                A[:, e, j] = np.clip(CO_ACTIVATION * variation * k[:, e] * g, 0.0,
+                                     ACTION_LIMITS.get(act, ACTION_MAX))
         for act, w in rec.get("actions", {}).items():
             if act not in fa:
                 raise ValueError(f"recipe {name!r}: unknown facial action {act!r}")
@@ -633,18 +657,20 @@ def _check_config(cfg) -> tuple[float, float]:
     return float(ir[0]), float(ir[1])
 
 
-def load(cfg, model=None) -> RegisteredData:
+def load(cfg, model=None, region: FaceRegion | None = None) -> RegisteredData:
     """Generate the anny dataset described by ``cfg`` (:class:`cm3dmm.config.AnnySourceConfig`).
 
     ``model``: an already built :func:`build_model` (to share one between calls, e.g. in
-    tests); built here when None. Returns N x 20 meshes, every sample in the "train" split
+    tests); built here when None. ``region``: its :func:`face_region` (computed when None).
+    Returns N x 20 meshes, every sample in the "train" split
     (the data stage assigns splits), subjects ``anny_000``..., the region's faces, anny's UVs
     when valid, landmarks, and the sampling provenance in ``attrs``.
     """
     lo, hi = _check_config(cfg)
     if model is None:
         model = build_model()
-    region = face_region(model)
+    if region is None:
+        region = face_region(model)
     rng = np.random.default_rng(int(cfg.seed))
     n = int(cfg.n_subjects)
     t0 = time.perf_counter()
