@@ -220,16 +220,29 @@ class ContinuousModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------- template <-> file
-def _template_state(template) -> dict:
-    from cm3dmm.template import template_to_arrays
+def _template_state(template) -> torch.Tensor:
+    """The template as the bytes of its ``template.npz`` (a uint8 tensor: loads weights-only)."""
+    import tempfile
 
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in template_to_arrays(template).items()}
+    from cm3dmm.template import save_template
+
+    with tempfile.TemporaryDirectory(prefix="cm3dmm-tpl-") as tmp:
+        path = Path(tmp) / "template.npz"
+        save_template(path, template)
+        data = path.read_bytes()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def _template_from_state(state: dict):
-    from cm3dmm.template import template_from_arrays
+def _template_from_state(state: torch.Tensor):
+    """Inverse of :func:`_template_state` (the template's own loader checks its hash)."""
+    import tempfile
 
-    return template_from_arrays({k: v.numpy() for k, v in state.items()})
+    from cm3dmm.template import load_template
+
+    with tempfile.TemporaryDirectory(prefix="cm3dmm-tpl-") as tmp:
+        path = Path(tmp) / "template.npz"
+        path.write_bytes(state.numpy().tobytes())
+        return load_template(path)
 
 
 # ---------------------------------------------------------------------------- save / load
@@ -303,8 +316,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     path = Path(path)
     payload = read_model_file(path)
     try:
-        mcfg = config_from_dict({"model": payload["model_config"]}).model
         template = _template_from_state(payload["template"])
+    except InputError as exc:
+        raise InputError(f"model file's template is invalid ({exc.problem})", path) from None
+    except (TypeError, AttributeError, RuntimeError) as exc:
+        raise InputError(f"model file's template is invalid ({type(exc).__name__})", path) from None
+    try:
+        mcfg = config_from_dict({"model": payload["model_config"]}).model
         model = ContinuousModel(template, mcfg)
         model.load_state_dict(payload["state_dict"])
     except InputError as exc:
