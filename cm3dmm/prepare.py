@@ -85,7 +85,8 @@ def _load_checked(cfg) -> tuple[RegisteredData, dict]:
     times["load_s"] = time.perf_counter() - t
     origin = _source_origin(cfg)
     t = time.perf_counter()
-    check_samples(data, files, origin)
+    if files is not None:  # validate() below gives the same checks without file names
+        check_samples(data, files, origin)
     assign_split(data, cfg.data.split)
     summary = validate(data, origin)
     times["validate_s"] = time.perf_counter() - t

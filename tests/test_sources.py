@@ -234,11 +234,11 @@ def test_facescape_check_reports_everything(tmp_path):
     assert chk.n_expected == 9 and chk.n_found == 8
     assert chk.missing == [(2, "smile")]
     assert chk.vertex_count == 36
-    assert [Path(f).name for f, _ in chk.mismatched] == ["3_anger.obj"] and chk.mismatched[0][1] == 25
-    assert [Path(f).parts[-3:] for f, _ in chk.unreadable] == [("1", "models_reg", "3_anger.obj")]
+    assert [Path(f).name for f, _ in chk.mismatched] == ["4_anger.obj"] and chk.mismatched[0][1] == 25
+    assert [Path(f).parts[-3:] for f, _ in chk.unreadable] == [("1", "models_reg", "4_anger.obj")]
     assert chk.fatal
     msg = chk.message()
-    assert "3/models_reg/3_anger.obj (25)" in msg and "licence" in msg and "never downloaded" in msg
+    assert "3/models_reg/4_anger.obj (25)" in msg and "licence" in msg and "never downloaded" in msg
     assert any("missing: identity 2 expression smile" == p for p in chk.problems())
     with pytest.raises(InputError, match="wrong vertex count"):
         fs.load(_fs_cfg(root))
