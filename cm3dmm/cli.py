@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", dest="x_method", help="model folder name (default cm3dmm)")
     p = add("train-baseline", "train a baseline (pca | bilinear) -> models/{method}/model.pt",
             "baselines", "run_train_baseline")
-    p.add_argument("method", help="pca or bilinear")
+    p.add_argument("x_method", metavar="method", help="pca or bilinear")
     p = add("fit", "fit a trained model to one test subject, or to your own scan/mesh", "fit", "run_fit")
     p.add_argument("--method", dest="x_method", default=None, help="cm3dmm | pca | bilinear")
     p.add_argument("--subject", dest="x_subject", default=None, help="test subject id")
