@@ -167,8 +167,10 @@ def write_registered(path: str | os.PathLike, data: RegisteredData) -> str:
     str_dt = h5py.string_dtype("utf-8")
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as h:
+            # Uncompressed: float noise hardly compresses (gzip saved 8% at several times the write
+            # time on ICT's 6000 x 9409 vertices); one chunk per mesh keeps single-mesh reads cheap.
             h.create_dataset("vertices", data=np.asarray(data.vertices, np.float32),
-                             chunks=(1, data.n_vertices, 3), compression="gzip", compression_opts=1)
+                             chunks=(1, data.n_vertices, 3))
             h.create_dataset("faces", data=np.asarray(data.faces, np.int32))
             if data.uv is not None:
                 h.create_dataset("uv", data=np.asarray(data.uv, np.float32))
