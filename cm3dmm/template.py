@@ -416,7 +416,7 @@ def render_levels(path, t: Template, levels=range(4), size: int = 420) -> None:
             pl.camera.position = tuple(centre + np.array([0.0, 0.0, 4 * ext]))
             pl.camera.up = (0.0, 1.0, 0.0)
             pl.camera.parallel_projection = True
-            pl.camera.parallel_scale = 0.55 * ext if row == 0 else 0.035 * ext
+            pl.camera.parallel_scale = 0.6 * ext if row == 0 else 0.035 * ext
     with atomic_path(path) as tmp:
         pl.screenshot(str(tmp))
     pl.close()

@@ -18,7 +18,8 @@ spatial index):
   :func:`interpolate` evaluates any per-vertex field there (numpy or torch).
 
 UV conventions: ``u`` grows with the subject's left (+x), ``v`` grows upwards (+y) for
-computed unwrappings (a front view of the face); source UVs are used as given.
+computed unwrappings (a front view of the face); source UVs keep their layout and are only
+scaled uniformly and centred into ``[margin, 1 - margin]^2``.
 """
 
 from __future__ import annotations
@@ -540,7 +541,8 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, source_uv: np.ndarray | None
            method: str = "auto", margin: float = 0.02, path=None) -> UnwrapResult:
     """UV map of a disc-with-holes surface ``vertices (V, 3), faces (F, 3)``.
 
-    ``method``: ``auto`` uses ``source_uv`` when :func:`check_uv` finds no problem, else
+    ``method``: ``auto`` uses ``source_uv`` when :func:`check_uv` finds no problem (up to a
+    uniform scale and translation into the margin box; no rotation), else
     LSCM, else (if LSCM flips a triangle) the harmonic map; ``source`` insists on the
     source UVs (InputError when invalid); ``harmonic`` / ``lscm`` compute that map.
     Computed maps are aligned with the front view (u ~ +x, v ~ +y) and scaled into
@@ -556,8 +558,14 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, source_uv: np.ndarray | None
     if method in ("auto", "source"):
         problems = check_uv(source_uv, f)
         if not problems:
-            uv = np.asarray(source_uv, np.float64)
-            return UnwrapResult(uv.astype(np.float32), "source", distortion(v, f, uv), topo, notes)
+            src = np.asarray(source_uv, np.float64)
+            # keep the source's layout (no rotation), only fit it to the margin box: a face
+            # in a corner of a whole-body atlas would waste the UV encoder's resolution
+            uv = normalise_uv(src, margin).astype(np.float32)
+            scale = float(np.ptp(uv, axis=0).max() / max(np.ptp(src, axis=0).max(), 1e-300))
+            notes.append(f"source UVs scaled by {scale:.4g} and centred into "
+                         f"[{margin:g}, {1 - margin:g}]^2")
+            return UnwrapResult(uv, "source", distortion(v, f, uv), topo, notes)
         msg = "source UVs not used: " + "; ".join(problems)
         if method == "source":
             raise InputError(msg, path)

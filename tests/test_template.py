@@ -115,7 +115,10 @@ def test_run_template_stage(tmp_path):
     assert t.source_hash == content
     train = data.indices("train")
     assert np.allclose(t.mean, data.vertices[train].mean(0), atol=1e-4)
-    assert t.unwrap_method == "source" and np.array_equal(t.uv, data.uv)  # the grid's UVs are valid
+    assert t.unwrap_method == "source"  # the grid's UVs are valid: kept up to scale + shift
+    s = np.ptp(t.uv, axis=0).max() / np.ptp(data.uv, axis=0).max()
+    assert s == pytest.approx(0.96, abs=1e-6)  # default margin 0.02
+    assert np.allclose(t.uv, (data.uv - 0.5) * s + 0.5, atol=1e-6)
     rep = json.loads(paths.unwrap.read_text())
     assert rep["stats"]["n_flipped"] == 0 and rep["levels"][3]["triangles"] == 128 * 64
     for p in (paths.uv_layout, paths.levels_png):

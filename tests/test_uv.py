@@ -108,7 +108,8 @@ def test_check_uv_and_auto_choice():
     v, f = holed_disc(21)
     good = (v[:, :2] - v[:, :2].min(0)) / np.ptp(v[:, :2], axis=0).max()
     assert check_uv(good, f) == []
-    assert unwrap(v, f, good).method == "source"
+    res = unwrap(v, f, good * 0.5 + 0.1, margin=0.0)  # valid, kept up to scale and shift
+    assert res.method == "source" and np.allclose(res.uv, good, atol=1e-6)
     flipped = good.copy()
     flipped[30] = good[31] + (good[31] - good[30]) * 3
     assert any("flipped" in p for p in check_uv(flipped, f))
