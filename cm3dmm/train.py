@@ -17,8 +17,10 @@ Objective: :func:`cm3dmm.losses.training_loss`. Optimiser: Adam (network ``lr``,
 
 **Batches** are a pure function of ``(seed, step)``: the faces of step ``s`` are positions
 ``s B .. s B + B - 1`` of an endless sequence of per-epoch permutations (epoch ``e`` permuted by a
-generator seeded with ``(seed, e)``), and each face reads its points starting at offset
-``s * N`` of the cache's stored shuffled order. Nothing else is random after initialisation.
+generator seeded with ``(seed, e)``); in its ``e``-th epoch a face reads the ``e``-th slice of its
+stored shuffled point orders (``SampleCache.read(offset=e)``), so epochs walk through all stored
+points. Nothing else is random after initialisation. Point counts are capped at what the cache
+stores (a warning says so).
 
 **Validation** every ``validate_every`` steps (and at the last step): the mean Euclidean error (mm)
 at the held-out UV points of the training faces (``SampleCache.heldout``: points never used for
@@ -156,12 +158,30 @@ class TrainData:
                    id_row=id_row, exp_row=faces.copy(), subject_label=s_label, expression_label=e_label,
                    id_names=id_names)
 
-    def read(self, positions: np.ndarray, n_vertex: int, n_continuous: int, offset: int,
+    def point_counts(self, n_vertex: int, n_continuous: int) -> tuple[int, int]:
+        """The per-face vertex / continuous point counts, capped at what the cache stores."""
+        nv = min(int(n_vertex), int(getattr(self.cache, "n_vertices", n_vertex)))
+        nc = min(int(n_continuous), int(getattr(self.cache, "n_continuous", n_continuous)))
+        return nv, nc
+
+    def read(self, positions: np.ndarray, epochs: np.ndarray, n_vertex: int, n_continuous: int,
              device: torch.device) -> dict[str, torch.Tensor]:
-        """The points of faces ``positions`` (indices into ``faces``): uv, target, avg (B, N, .)."""
-        batch = self.cache.read(self.faces[positions], n_vertex, n_continuous, offset=offset)
-        return {k: torch.as_tensor(np.asarray(batch[k]), dtype=torch.float32).to(device)
-                for k in ("uv", "target", "avg")}
+        """The points of faces ``positions`` (indices into ``faces``): uv, target, avg (B, N, .).
+
+        ``epochs`` (B,): how many times each face was seen before; it selects the slice of the
+        face's stored shuffled point order (``SampleCache.read``'s ``offset``), so successive
+        epochs walk through all stored points.
+        """
+        parts: dict[str, list] = {"uv": [], "target": [], "avg": []}
+        order = []
+        for e in np.unique(epochs):
+            sel = np.flatnonzero(epochs == e)
+            batch = self.cache.read(self.faces[positions[sel]], n_vertex, n_continuous, offset=int(e))
+            for k in parts:
+                parts[k].append(np.asarray(batch[k], np.float32))
+            order.append(sel)
+        inv = np.argsort(np.concatenate(order), kind="stable")
+        return {k: torch.from_numpy(np.concatenate(v)[inv]).to(device) for k, v in parts.items()}
 
     def heldout(self, positions: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
         batch = self.cache.heldout(self.faces[positions])
@@ -174,19 +194,21 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
 
 
-def batch_faces(seed: int, step: int, batch: int, n: int) -> np.ndarray:
-    """The face positions (into ``TrainData.faces``) of optimiser step ``step`` — a pure function.
+def batch_faces(seed: int, step: int, batch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The faces of optimiser step ``step`` — a pure function of its arguments.
 
     Positions ``step * batch + k`` (k < batch) of the endless sequence of per-epoch
     permutations of ``range(n)``; epoch ``e`` is permuted by ``default_rng([seed, e])``.
-    Returns (batch,) int64.
+    Returns ``faces`` (batch,) int64 (indices into ``TrainData.faces``) and ``epochs`` (batch,)
+    int64 (the epoch each draw belongs to).
     """
     pos = np.arange(step * batch, step * batch + batch, dtype=np.int64)
+    epochs = pos // n
     out = np.empty(batch, dtype=np.int64)
-    for epoch in np.unique(pos // n):
-        sel = pos // n == epoch
+    for epoch in np.unique(epochs):
+        sel = epochs == epoch
         out[sel] = _epoch_order(seed, int(epoch), n)[pos[sel] % n]
-    return out
+    return out, epochs
 
 
 def _val_positions(n: int, k: int) -> np.ndarray:
@@ -383,7 +405,8 @@ def run_train(cfg: Config, method: str | None = None) -> TrainResult:
     method = method or METHOD
     paths = RunPaths.of(cfg.run_dir)
     template = load_template(paths.template)
-    cache = SampleCache(paths.cache("train"), template_hash=template.hash)
+    cache = SampleCache(paths.cache("train"), template_hash=template.hash,
+                        registered_hash=template.source_hash or None)
     try:
         return train(cfg, template, cache, paths, method)
     finally:
@@ -477,7 +500,13 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
         ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     val_pos = _val_positions(data.n, tc.val_faces)
-    n_points = tc.vertex_points + tc.continuous_points
+    n_vertex, n_continuous = data.point_counts(tc.vertex_points, tc.continuous_points)
+    if (n_vertex, n_continuous) != (tc.vertex_points, tc.continuous_points):
+        log.warning("the cache stores %d vertices and %d continuous points per face: training on %d + %d "
+                    "points per face instead of %d + %d", getattr(data.cache, "n_vertices", -1),
+                    getattr(data.cache, "n_continuous", -1), n_vertex, n_continuous, tc.vertex_points,
+                    tc.continuous_points)
+    n_points = n_vertex + n_continuous
     if acc is None:
         acc = {"n": 0, **{k: 0.0 for k in LOSS_TERMS}}
     t0 = time.perf_counter()
@@ -502,8 +531,9 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
     done = start
     try:
         for step in range(start, tc.steps):
-            positions = batch_faces(tc.seed, step, tc.batch_faces, data.n)[dist.rank::dist.world]
-            batch = data.read(positions, tc.vertex_points, tc.continuous_points, step * n_points, device)
+            positions, epochs = batch_faces(tc.seed, step, tc.batch_faces, data.n)
+            positions, epochs = positions[dist.rank::dist.world], epochs[dist.rank::dist.world]
+            batch = data.read(positions, epochs, n_vertex, n_continuous, device)
             id_rows = torch.as_tensor(data.id_row[positions], device=device)
             exp_rows = torch.as_tensor(data.exp_row[positions], device=device)
             pred, z_id, z_exp = ddp(batch["uv"], batch["avg"], id_rows, exp_rows)
@@ -630,7 +660,10 @@ def _model_extra(cfg: Config, net: CodeTables, data: TrainData, summary: dict, m
         "code_stats": {"id_mean": id_w.mean(0), "id_std": id_w.std(0, unbiased=False),
                        "exp_mean": exp_w.mean(0), "exp_std": exp_w.std(0, unbiased=False)},
         "index": {"subject": list(data.subject), "expression": list(data.expression),
-                  "cache_sample": torch.as_tensor(data.faces), "id_row": torch.as_tensor(data.id_row),
+                  "cache_sample": torch.as_tensor(data.faces),
+                  "registered_index": torch.as_tensor(np.asarray(getattr(data.cache, "registered_index",
+                                                                         data.faces), np.int64)[data.faces]),
+                  "id_row": torch.as_tensor(data.id_row),
                   "exp_row": torch.as_tensor(data.exp_row), "id_names": list(data.id_names)},
         "summary": summary,
     }

@@ -38,7 +38,7 @@ def make_model(template, backend="dense", seed=0):
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return m.eval()
+    return m.eval().requires_grad_(False)
 
 
 def codes(m, b, seed=2):
