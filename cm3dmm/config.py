@@ -184,6 +184,10 @@ class EvaluateConfig:
     upsampling_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.25, 1.0])
     upsampling_steps: int = 0  #: training steps for the upsampling models (0 = train.steps)
     figures: bool = True
+    train_subjects: int = 4  #: training subjects fitted for representation power (spread evenly; 0 = none)
+    surface_faces: int = 0  #: faces per method and split that get CD / NC / F (spread evenly; 0 = all)
+    seed: int = 0  #: seed of the surface samples of the Chamfer-type metrics
+    timing_repeats: int = 3  #: runs (after one warm-up) whose median is the mesh-generation time
 
 
 @dataclass
@@ -231,6 +235,7 @@ _NONNEGATIVE = {
     "train.reg_weight", "train.prior_weight", "fit.prior_weight", "fit.tol", "fit.level",
     "fit.points", "fit.polish_iters", "fit.scan_points",
     "train.threads", "train.val_faces", "baselines.pca_dim", "evaluate.upsampling_steps", "data.preview_subjects",
+    "evaluate.train_subjects", "evaluate.surface_faces", "evaluate.timing_repeats",
 }
 _FRACTIONS = {"data.split.test_fraction", "fit.trim", "data.anny.expression_variation",
               "data.ict.expression_variation"}
