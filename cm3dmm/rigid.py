@@ -265,4 +265,4 @@ def align_to_reference(points: np.ndarray, vertices: np.ndarray, faces: np.ndarr
         init = trimmed_icp(sub, vertices, faces, best.transform, trim=trim, max_iter=30, with_scale=with_scale,
                            exact=False).transform
         log.info("rigid init: best candidate trimmed RMSE %.3f mm", best.rmse)
-    return trimmed_icp(sub, vertices, faces, init, trim=trim, max_iter=60, with_scale=with_scale)
+    return trimmed_icp(sub, vertices, faces, init, trim=trim, max_iter=25, with_scale=with_scale)

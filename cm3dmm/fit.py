@@ -1,0 +1,1129 @@
+"""Fitting: fresh latent codes (and rigid poses) for registered meshes and raw scans.
+
+The fitter owns its codes; models are used only through :class:`cm3dmm.methods.FaceModel`, so
+``cm3dmm``, ``pca`` and ``bilinear`` fit through the same code and the same objective:
+
+    E = sum_b (1 / W_b) sum_k w_bk |r_bk|^2
+        + prior_weight * ( sum_id |(z_id - mu_id) / s_id|^2 + sum_b |(z_exp,b - mu_exp) / s_exp|^2 )
+
+with ``r_bk`` the residual of target point ``k`` of face ``b`` (point-to-point, or
+point-to-plane when the target has normals) and ``W_b = sum_k w_bk``, i.e. a mean squared
+distance (mm^2) per face plus a Gaussian code prior from the training codes' statistics.
+
+Layout: ``per-subject`` — one identity code shared by all of a subject's expressions plus one
+expression code per expression; ``per-face`` — independent codes per face (always so for
+``pca``, whose single code has no identity block).
+
+Optimisers (``cfg.fit.optimizer``):
+
+* ``lm`` — Levenberg-Marquardt in latent space (Nielsen's adaptive damping, Marquardt scaling),
+  with the code-independent part of the model (UV features, the UV part of every decoder layer)
+  computed once (:meth:`FaceModel.context`); first on a random subset of ``cfg.fit.points`` target
+  points per face, then ``polish_iters`` iterations on all of them. ``pca`` is solved exactly in
+  one step (regularised normal equations), ``bilinear`` by alternating least squares (each block
+  is linear given the other).
+* ``lbfgs`` — L-BFGS (strong Wolfe line search) on the same objective, same precomputation.
+* ``adam`` — the release protocol: zero-initialised codes, Adam lr 3e-3, 1,000 iterations, mean
+  vertex distance, a full forward pass (encoder included) every step.
+
+Scans (any vertex count, no correspondence): units resolved (``mm | cm | m | auto``), a rigid
+(+ optional scale) pose from landmarks (Umeyama) or a robust initialisation refined by trimmed
+ICP against the mean face, then ``scan_iters`` alternations of (correspondences -> codes -> pose):
+scan->model closest points on the current fit (trimmed by ``cfg.fit.trim``, boundary
+projections dropped) plus model->scan closest points where the scan covers the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from cm3dmm.errors import InputError, StageError
+from cm3dmm.methods import FaceModel
+from cm3dmm.rigid import Similarity, align_to_reference, trimmed_icp, umeyama
+
+log = logging.getLogger(__name__)
+
+#: the release's fitting protocol (SEED.md "Fitting")
+RELEASE_LR = 3e-3
+RELEASE_ITERS = 1000
+#: unit name -> factor to millimetres
+UNIT_FACTORS = {"mm": 1.0, "cm": 10.0, "m": 1000.0}
+#: scans: weight of the point-to-point residual added to the point-to-plane one
+P2P_WEIGHT = 0.1
+#: scans: total weight of the landmark pairs (each direction of the closest points weighs 1)
+LANDMARK_WEIGHT = 10.0
+
+
+# ============================================================================ targets
+@dataclass
+class Targets:
+    """Target points of B faces in the model frame, padded to K points per face.
+
+    Each point k of face b is compared with the model point ``sum_j bary[b,k,j] X[b, vids[b,k,j]]``.
+    """
+
+    points: torch.Tensor  #: (B, K, 3) mm
+    vids: torch.Tensor  #: (B, K, 3) int64 template vertex ids
+    bary: torch.Tensor  #: (B, K, 3) barycentric weights (rows sum to 1)
+    weights: torch.Tensor  #: (B, K) >= 0; 0 marks padding
+    normals: torch.Tensor | None = None  #: (B, K, 3) unit normals -> point-to-plane residuals
+    p2p: float = 0.0  #: with normals: weight of an added point-to-point residual (tangential anchor)
+
+    @property
+    def n_faces(self) -> int:
+        return int(self.points.shape[0])
+
+    @classmethod
+    def vertices(cls, targets: np.ndarray | torch.Tensor, weights=None) -> "Targets":
+        """Registered targets: (B, V, 3) positions of the template vertices."""
+        t = torch.as_tensor(np.asarray(targets), dtype=torch.float64)
+        b, v, _ = t.shape
+        vids = torch.arange(v).view(1, v, 1).expand(b, v, 3).clone()
+        bary = torch.zeros(b, v, 3, dtype=torch.float64)
+        bary[..., 0] = 1.0
+        w = torch.ones(b, v, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        return cls(t, vids, bary, w)
+
+    @classmethod
+    def stack(cls, parts: Sequence["Targets"]) -> "Targets":
+        """Concatenate single-face targets (B_i = 1) along the face axis, padding K."""
+        k = max(int(p.points.shape[1]) for p in parts)
+        has_n = any(p.normals is not None for p in parts)
+
+        def pad(x, fill=0.0):
+            extra = k - x.shape[1]
+            if extra == 0:
+                return x
+            shape = list(x.shape)
+            shape[1] = extra
+            return torch.cat([x, torch.full(shape, fill, dtype=x.dtype)], 1)
+
+        normals = None
+        if has_n:
+            normals = torch.cat([pad(p.normals if p.normals is not None else torch.zeros_like(p.points))
+                                 for p in parts])
+        return cls(torch.cat([pad(p.points) for p in parts]), torch.cat([pad(p.vids, 0) for p in parts]),
+                   torch.cat([pad(p.bary) for p in parts]), torch.cat([pad(p.weights) for p in parts]), normals,
+                   max(p.p2p for p in parts))
+
+    def subset(self, n: int, rng: np.random.Generator) -> "Targets":
+        """At most ``n`` random points per face (the same indices for every face)."""
+        k = int(self.points.shape[1])
+        if n <= 0 or n >= k:
+            return self
+        idx = torch.as_tensor(np.sort(rng.choice(k, n, replace=False)))
+        return Targets(self.points[:, idx], self.vids[:, idx], self.bary[:, idx], self.weights[:, idx],
+                       None if self.normals is None else self.normals[:, idx], self.p2p)
+
+
+def _predict(x: torch.Tensor, t: Targets, local: torch.Tensor) -> torch.Tensor:
+    """x: (B, U, 3) model positions at the context vertices; local: (B, K, 3) indices into U.
+    Returns (B, K, 3) predicted target points."""
+    b = torch.arange(x.shape[0]).view(-1, 1, 1)
+    return (x[b, local] * t.bary.to(x.dtype)[..., None]).sum(2)
+
+
+def _residuals(pred: torch.Tensor, t: Targets) -> torch.Tensor:
+    """(B, K, 3) point-to-point, or (B, K, 4) point-to-plane + ``p2p`` x point-to-point residuals."""
+    d = pred - t.points.to(pred.dtype)
+    if t.normals is None:
+        return d
+    return torch.cat([(d * t.normals.to(pred.dtype)).sum(-1, keepdim=True), t.p2p * d], -1)
+
+
+# ============================================================================ code layout
+@dataclass
+class Codes:
+    """Fitted codes: ``z_id`` has one row per identity (1 when shared, else B)."""
+
+    z_id: torch.Tensor  #: (I, Di)
+    z_exp: torch.Tensor  #: (B, De)
+    shared: bool
+    #: optional rigid motion of each face's targets (scans): p -> R (p - c) + c + t
+    rot: torch.Tensor | None = None  #: (B, 3, 3)
+    trans: torch.Tensor | None = None  #: (B, 3)
+
+    def per_face(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Di), (B, De)."""
+        b = self.z_exp.shape[0]
+        zi = self.z_id.expand(b, -1) if self.shared else self.z_id
+        return zi, self.z_exp
+
+    def clone(self) -> "Codes":
+        return Codes(self.z_id.clone(), self.z_exp.clone(), self.shared,
+                     None if self.rot is None else self.rot.clone(),
+                     None if self.trans is None else self.trans.clone())
+
+    @property
+    def n_pose(self) -> int:
+        return 0 if self.rot is None else 6
+
+    def with_pose(self) -> "Codes":
+        b = self.z_exp.shape[0]
+        return Codes(self.z_id, self.z_exp, self.shared,
+                     torch.eye(3, dtype=torch.float64).repeat(b, 1, 1), torch.zeros(b, 3, dtype=torch.float64))
+
+
+def _rodrigues(w: torch.Tensor) -> torch.Tensor:
+    """Rotation matrix of an axis-angle vector w (3,)."""
+    th = float(torch.linalg.vector_norm(w))
+    k = torch.zeros(3, 3, dtype=w.dtype)
+    if th < 1e-12:
+        return torch.eye(3, dtype=w.dtype)
+    a = w / th
+    k[0, 1], k[0, 2], k[1, 2] = -a[2], a[1], -a[0]
+    k = k - k.T
+    return torch.eye(3, dtype=w.dtype) + math.sin(th) * k + (1 - math.cos(th)) * (k @ k)
+
+
+def _skew(a: torch.Tensor) -> torch.Tensor:
+    """(..., 3) -> (..., 3, 3) with skew(a) @ w = a x w."""
+    z = torch.zeros_like(a[..., 0])
+    return torch.stack([torch.stack([z, -a[..., 2], a[..., 1]], -1),
+                        torch.stack([a[..., 2], z, -a[..., 0]], -1),
+                        torch.stack([-a[..., 1], a[..., 0], z], -1)], -2)
+
+
+@dataclass
+class SolveInfo:
+    status: str = "converged"  #: converged | max_iter | stalled
+    iterations: int = 0
+    evaluations: int = 0
+    jacobians: int = 0
+    objective: float = float("nan")
+    history: list[float] = field(default_factory=list)
+
+    @property
+    def converged(self) -> bool:
+        return self.status == "converged"
+
+
+class _Problem:
+    """The objective for fixed targets: contexts made once, energies and normal equations."""
+
+    def __init__(self, model: FaceModel, targets: Targets, prior_weight: float, release: bool = False):
+        self.model = model
+        self.t = targets
+        self.lam = float(prior_weight)
+        vids = targets.vids.reshape(-1).numpy()
+        uniq, inv = np.unique(vids, return_inverse=True)
+        self.local = torch.as_tensor(inv.reshape(targets.vids.shape))
+        self.ctx = model.context(uniq)
+        self.release = release
+        self.wsum = targets.weights.sum(1).clamp_min(1e-12)  # (B,)
+        self.center = self.centre_of(targets)  # (B, 3) rotation centre of the poses
+        dt = torch.float64
+        self.pid = (1.0 / model.id_prior.std.to(dt) ** 2, model.id_prior.mean.to(dt))
+        self.pexp = (1.0 / model.exp_prior.std.to(dt) ** 2, model.exp_prior.mean.to(dt))
+
+    def positions(self, codes: Codes, release: bool = False) -> torch.Tensor:
+        zi, ze = codes.per_face()
+        dt = self.model.dtype
+        f = self.model.decode_release if release else self.model.decode
+        return f(self.ctx, zi.to(dt), ze.to(dt))
+
+    @staticmethod
+    def centre_of(targets: Targets) -> torch.Tensor:
+        """(B, 3) weighted centroid of each face's target points."""
+        w = targets.weights / targets.weights.sum(1, keepdim=True).clamp_min(1e-12)
+        return (targets.points * w[..., None]).sum(1)
+
+    def targets_at(self, codes: Codes) -> Targets:
+        """The targets moved by the codes' rigid motion (scans); unchanged without one."""
+        if codes.rot is None:
+            return self.t
+        t = self.t
+        c = self.center[:, None, :]
+        pts = torch.einsum("bij,bkj->bki", codes.rot, t.points - c) + c + codes.trans[:, None, :]
+        nrm = None if t.normals is None else torch.einsum("bij,bkj->bki", codes.rot, t.normals)
+        return Targets(pts, t.vids, t.bary, t.weights, nrm, t.p2p)
+
+    def data_energy(self, x: torch.Tensor, codes: Codes | None = None) -> torch.Tensor:
+        """(B,) weighted mean squared residual per face."""
+        t = self.t if codes is None else self.targets_at(codes)
+        r = _residuals(_predict(x, t, self.local), t).to(torch.float64)
+        return ((r * r).sum(-1) * t.weights).sum(1) / self.wsum
+
+    def prior_energy(self, codes: Codes) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per identity row (I,) and per face (B,) prior energies (times prior_weight)."""
+        pi, mi = self.pid
+        pe, me = self.pexp
+        ei = ((codes.z_id.to(torch.float64) - mi) ** 2 * pi).sum(1) * self.lam
+        ee = ((codes.z_exp.to(torch.float64) - me) ** 2 * pe).sum(1) * self.lam
+        return ei, ee
+
+    def energy(self, codes: Codes) -> float:
+        with torch.no_grad():
+            ed = self.data_energy(self.positions(codes), codes)
+        ei, ee = self.prior_energy(codes)
+        return float(ed.sum() + ei.sum() + ee.sum())
+
+    def face_energies(self, codes: Codes) -> torch.Tensor:
+        """(B,) data + expression prior (+ identity prior when not shared) per face."""
+        with torch.no_grad():
+            ed = self.data_energy(self.positions(codes), codes)
+        ei, ee = self.prior_energy(codes)
+        return ed + ee + (0 if codes.shared else ei)
+
+    def normal_equations(self, codes: Codes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per face: A (B, D, D) = J^T W J / W_b, g (B, D) = J^T W r / W_b, data energy (B,).
+
+        With a rigid motion in ``codes`` the unknowns of a face are [z_id, z_exp, dw (3), dt (3)]
+        (a left increment of the motion about the targets' centre)."""
+        tg = self.targets_at(codes)
+        zi, ze = codes.per_face()
+        dt = self.model.dtype
+        x, jx = self.model.jacobian(self.ctx, zi.to(dt), ze.to(dt))  # (B,U,3), (B,U,3,D)
+        b = torch.arange(x.shape[0]).view(-1, 1, 1)
+        bary = self.t.bary.to(jx.dtype)
+        pred = (x[b, self.local] * bary[..., None]).sum(2)
+        jp = (jx[b, self.local] * bary[..., None, None]).sum(2).to(torch.float64)  # (B, K, 3, D)
+        if codes.rot is not None:
+            # r = pred - (R_d (p - c) + c + t_d): d r / d w = skew(p - c), d r / d t = -I
+            arm = tg.points - self.center[:, None, :]
+            jpose = torch.cat([_skew(arm), -torch.eye(3, dtype=torch.float64).expand_as(_skew(arm))], -1)
+            jp = torch.cat([jp, jpose], -1)  # (B, K, 3, D + 6)
+        r = _residuals(pred, tg).to(torch.float64)
+        if tg.normals is not None:
+            jn = (jp * tg.normals.to(jp.dtype)[..., None]).sum(2, keepdim=True)  # (B, K, 1, D)
+            jp = torch.cat([jn, tg.p2p * jp], 2)
+        sw = (tg.weights / self.wsum[:, None]).sqrt()  # (B, K)
+        jw = (jp * sw[..., None, None]).flatten(1, 2)  # (B, K*c, D)
+        rw = (r * sw[..., None]).flatten(1, 2)  # (B, K*c)
+        a = jw.transpose(1, 2) @ jw
+        g = (jw.transpose(1, 2) @ rw[..., None])[..., 0]
+        return a, g, (rw * rw).sum(1)
+
+
+def _groups(codes: Codes) -> list[list[int]]:
+    b = codes.z_exp.shape[0]
+    return [list(range(b))] if codes.shared else [[i] for i in range(b)]
+
+
+def _assemble(prob: _Problem, codes: Codes, group: list[int], a, g, free: str):
+    """Normal equations of one group: unknowns [z_id row, z_exp of each face] restricted to
+    ``free`` (all | id | exp). Returns H (n, n), grad (n,), the index map."""
+    di, de = prob.model.id_dim, prob.model.exp_dim + codes.n_pose
+    nf = len(group)
+    n = di + nf * de
+    h = torch.zeros(n, n, dtype=torch.float64)
+    grad = torch.zeros(n, dtype=torch.float64)
+    for j, bidx in enumerate(group):
+        ids = list(range(di)) + list(range(di + j * de, di + (j + 1) * de))
+        ix = torch.as_tensor(ids)
+        h[ix[:, None], ix[None, :]] += a[bidx]
+        grad[ix] += g[bidx]
+    pi, mi = prob.pid
+    pe, me = prob.pexp
+    irow = 0 if codes.shared else group[0]
+    h[range(di), range(di)] += prob.lam * pi
+    grad[:di] += prob.lam * pi * (codes.z_id[irow].to(torch.float64) - mi)
+    dx = prob.model.exp_dim
+    for j, bidx in enumerate(group):
+        sl = slice(di + j * de, di + j * de + dx)
+        h[sl, sl] += torch.diag(prob.lam * pe)
+        grad[sl] += prob.lam * pe * (codes.z_exp[bidx].to(torch.float64) - me)
+    if free == "id":
+        keep = torch.arange(di)
+    elif free == "exp":
+        keep = torch.arange(di, n)
+    else:
+        keep = torch.arange(n)
+    return h[keep[:, None], keep[None, :]], grad[keep], keep
+
+
+def _apply_step(codes: Codes, group: list[int], keep: torch.Tensor, step: torch.Tensor, di: int, dx: int) -> None:
+    de = dx + codes.n_pose
+    full = torch.zeros(di + len(group) * de, dtype=torch.float64)
+    full[keep] = step
+    irow = 0 if codes.shared else group[0]
+    codes.z_id[irow] += full[:di].to(codes.z_id.dtype)
+    for j, bidx in enumerate(group):
+        o = di + j * de
+        codes.z_exp[bidx] += full[o: o + dx].to(codes.z_exp.dtype)
+        if codes.rot is not None:
+            rd = _rodrigues(full[o + dx: o + dx + 3])
+            codes.rot[bidx] = rd @ codes.rot[bidx]
+            codes.trans[bidx] = rd @ codes.trans[bidx] + full[o + dx + 3: o + dx + 6]
+
+
+def _group_energy(fe: torch.Tensor, ei: torch.Tensor, codes: Codes, group: list[int]) -> float:
+    e = float(fe[group].sum())
+    return e + float(ei[0]) if codes.shared else e
+
+
+def solve_lm(prob: _Problem, codes: Codes, max_iter: int, tol: float, free: str = "all",
+             damping: float = 1e-3) -> tuple[Codes, SolveInfo]:
+    """Levenberg-Marquardt (Nielsen's damping update, Marquardt's diagonal scaling) per group.
+
+    ``damping=0`` gives plain Gauss-Newton (exact for blocks in which the model is linear).
+    Stops when every group's accepted step decreases its energy by less than ``tol``
+    (relative), or after ``max_iter`` Jacobian evaluations.
+    """
+    codes = codes.clone()
+    groups = _groups(codes)
+    di, de = prob.model.id_dim, prob.model.exp_dim
+    mu = [damping] * len(groups)
+    nu = [2.0] * len(groups)
+    done = [False] * len(groups)
+    info = SolveInfo(status="max_iter")
+    ei, _ = prob.prior_energy(codes)
+    fe = prob.face_energies(codes)
+    info.evaluations += 1
+    for it in range(max_iter):
+        a, g, _ = prob.normal_equations(codes)
+        info.jacobians += 1
+        info.iterations = it + 1
+        trial = codes.clone()
+        steps = []
+        for k, grp in enumerate(groups):
+            if done[k]:
+                steps.append(None)
+                continue
+            h, grad, keep = _assemble(prob, codes, grp, a, g, free)
+            hd = h + mu[k] * torch.diag(torch.diagonal(h).clamp_min(1e-12)) if mu[k] > 0 else h
+            try:
+                step = -torch.linalg.solve(hd, grad)
+            except RuntimeError:
+                step = -torch.linalg.lstsq(hd, grad[:, None]).solution[:, 0]
+            pred_dec = float(-(grad @ step) - 0.5 * step @ (h @ step))  # model decrease of E/... (GN)
+            steps.append((keep, step, pred_dec))
+            _apply_step(trial, grp, keep, step, di, de)
+        ei_t, _ = prob.prior_energy(trial)
+        fe_t = prob.face_energies(trial)
+        info.evaluations += 1
+        for k, grp in enumerate(groups):
+            if steps[k] is None:
+                continue
+            keep, step, pred_dec = steps[k]
+            e0 = _group_energy(fe, ei, codes, grp)
+            e1 = _group_energy(fe_t, ei_t, trial, grp)
+            if e1 <= e0:
+                rel = (e0 - e1) / max(e0, 1e-300)
+                rho = (e0 - e1) / max(pred_dec, 1e-300)
+                _copy_group(codes, trial, grp)
+                mu[k] *= max(1 / 3, 1 - (2 * min(rho, 1.0) - 1) ** 3) if mu[k] > 0 else 1.0
+                nu[k] = 2.0
+                if rel < tol:
+                    done[k] = True
+            else:
+                if mu[k] == 0:  # exact step did not decrease: at the minimum up to round-off
+                    done[k] = True
+                    continue
+                mu[k] *= nu[k]
+                nu[k] *= 2
+                if mu[k] > 1e12:
+                    done[k] = True
+                    info.status = "stalled"
+        ei, _ = prob.prior_energy(codes)
+        fe = prob.face_energies(codes)
+        info.history.append(float(fe.sum() + (ei[0] if codes.shared else 0)))
+        if all(done):
+            if info.status != "stalled":
+                info.status = "converged"
+            break
+    info.objective = prob.energy(codes)
+    return codes, info
+
+
+def _copy_group(dst: Codes, src: Codes, group: list[int]) -> None:
+    irow = 0 if dst.shared else group[0]
+    dst.z_id[irow] = src.z_id[irow]
+    for b in group:
+        dst.z_exp[b] = src.z_exp[b]
+        if dst.rot is not None:
+            dst.rot[b] = src.rot[b]
+            dst.trans[b] = src.trans[b]
+
+
+def solve_als(prob: _Problem, codes: Codes, max_iter: int, tol: float) -> tuple[Codes, SolveInfo]:
+    """Alternating least squares for models linear in each block (exact block solves)."""
+    info = SolveInfo(status="max_iter")
+    prev = prob.energy(codes)
+    for it in range(max_iter):
+        codes, i1 = solve_lm(prob, codes, 1, 0.0, free="id", damping=0.0)
+        codes, i2 = solve_lm(prob, codes, 1, 0.0, free="exp", damping=0.0)
+        info.jacobians += i1.jacobians + i2.jacobians
+        info.evaluations += i1.evaluations + i2.evaluations
+        info.iterations = it + 1
+        cur = prob.energy(codes)
+        info.history.append(cur)
+        if prev - cur <= tol * max(prev, 1e-300):
+            info.status = "converged"
+            break
+        prev = cur
+    info.objective = prob.energy(codes)
+    return codes, info
+
+
+def solve_lbfgs(prob: _Problem, codes: Codes, max_iter: int, tol: float) -> tuple[Codes, SolveInfo]:
+    """L-BFGS with strong Wolfe line search on the same objective (autograd, precomputed context)."""
+    zi = codes.z_id.detach().clone().to(prob.model.dtype).requires_grad_(True)
+    ze = codes.z_exp.detach().clone().to(prob.model.dtype).requires_grad_(True)
+    opt = torch.optim.LBFGS([zi, ze], lr=1.0, max_iter=max_iter, tolerance_change=tol * 1e-3,
+                            tolerance_grad=1e-12, history_size=20, line_search_fn="strong_wolfe")
+    info = SolveInfo(status="max_iter")
+
+    def closure():
+        opt.zero_grad()
+        c = Codes(zi, ze, codes.shared)
+        e = prob.data_energy(prob.positions(c)).sum()
+        ei, ee = prob.prior_energy(c)
+        total = e + ei.sum() + ee.sum()
+        total.backward()
+        info.evaluations += 1
+        info.history.append(float(total.detach()))
+        return total
+
+    opt.step(closure)
+    state = opt.state[opt._params[0]]
+    info.iterations = int(state.get("n_iter", 0))
+    if info.iterations < max_iter:
+        info.status = "converged"
+    out = Codes(zi.detach(), ze.detach(), codes.shared)
+    info.objective = prob.energy(out)
+    return out, info
+
+
+def solve_adam(prob: _Problem, codes: Codes, iters: int = RELEASE_ITERS, lr: float = RELEASE_LR) -> tuple[Codes, SolveInfo]:
+    """The release protocol: Adam on the mean point distance (not squared), a full forward
+    pass (encoder included) every step, a fixed number of iterations, no prior."""
+    zi = codes.z_id.detach().clone().to(prob.model.dtype).requires_grad_(True)
+    ze = codes.z_exp.detach().clone().to(prob.model.dtype).requires_grad_(True)
+    opt = torch.optim.Adam([zi, ze], lr=lr)
+    info = SolveInfo(status="max_iter")
+    w = prob.t.weights / prob.wsum[:, None]
+    for it in range(iters):
+        opt.zero_grad()
+        x = prob.positions(Codes(zi, ze, codes.shared), release=True)
+        d = torch.linalg.vector_norm(_residuals(_predict(x, prob.t, prob.local), prob.t), dim=-1)
+        loss = (d * w.to(d.dtype)).sum(1).mean()
+        loss.backward()
+        opt.step()
+        info.evaluations += 1
+    info.iterations = iters
+    out = Codes(zi.detach(), ze.detach(), codes.shared)
+    info.objective = prob.energy(out)
+    return out, info
+
+
+def solve_codes(model: FaceModel, targets: Targets, cfg, codes: Codes | None = None,
+                shared: bool | None = None, seed: int = 0) -> tuple[Codes, SolveInfo]:
+    """Fit codes to fixed targets with ``cfg.optimizer`` (a :class:`~cm3dmm.config.FitConfig`).
+
+    ``shared``: one identity code for all faces (default: ``cfg.mode == "per-subject"`` and the
+    model has an identity block). ``codes``: the start (default: the prior means; zeros for
+    ``adam``, as in the release).
+    """
+    b = targets.n_faces
+    if shared is None:
+        shared = cfg.mode == "per-subject"
+    shared = bool(shared and model.shared_identity and b > 1)
+    if codes is None:
+        zi, ze = model.zero_codes(b) if cfg.optimizer == "adam" else model.mean_codes(b)
+        codes = Codes(zi[:1].clone() if shared else zi, ze, shared)
+    rng = np.random.default_rng(seed)
+    if codes.rot is not None:  # joint codes + rigid motion (scans): always Levenberg-Marquardt
+        return solve_lm(_Problem(model, targets, cfg.prior_weight), codes, cfg.max_iter, cfg.tol)
+    if cfg.optimizer == "adam":
+        return solve_adam(_Problem(model, targets, cfg.prior_weight, release=True), codes)
+    if model.structure == "linear":
+        prob = _Problem(model, targets, cfg.prior_weight)
+        return solve_lm(prob, codes, 2, tol=max(cfg.tol, 1e-12), damping=0.0)
+    if model.structure == "bilinear" and cfg.optimizer == "lm":
+        return solve_als(_Problem(model, targets, cfg.prior_weight), codes, cfg.max_iter, cfg.tol)
+    if cfg.optimizer == "lbfgs":
+        return solve_lbfgs(_Problem(model, targets, cfg.prior_weight), codes, cfg.max_iter, cfg.tol)
+    # lm on a subset, then polish on all points
+    sub = targets.subset(int(getattr(cfg, "points", 0)), rng)
+    info_all = SolveInfo()
+    if sub is not targets:
+        codes, info_sub = solve_lm(_Problem(model, sub, cfg.prior_weight), codes, cfg.max_iter, cfg.tol)
+        polish = int(getattr(cfg, "polish_iters", 2))
+        if polish > 0:
+            codes, info_all = solve_lm(_Problem(model, targets, cfg.prior_weight), codes, polish, cfg.tol,
+                                       damping=1e-6)
+            # the subset phase decides convergence; polishing is bounded by design
+            info_all.status = info_sub.status
+        else:
+            info_all = info_sub
+            info_all.objective = _Problem(model, targets, cfg.prior_weight).energy(codes)
+        info_all.iterations += info_sub.iterations
+        info_all.jacobians += info_sub.jacobians
+        info_all.evaluations += info_sub.evaluations
+        info_all.history = info_sub.history + info_all.history
+        return codes, info_all
+    return solve_lm(_Problem(model, targets, cfg.prior_weight), codes, cfg.max_iter, cfg.tol)
+
+
+# ============================================================================ results
+@dataclass
+class FitResult:
+    """Codes, meshes and errors of B fitted faces (model frame, mm)."""
+
+    z_id: np.ndarray  #: (B, Di) per face (rows equal when the identity is shared)
+    z_exp: np.ndarray  #: (B, De)
+    vertices: np.ndarray  #: (B, V, 3) fitted template vertices
+    errors: np.ndarray  #: (B,) mean vertex error (registered) / mean scan->fit distance (scans), mm
+    vertex_errors: np.ndarray  #: (B, V) per-vertex error, mm (scans: distance to the scan, NaN uncovered)
+    transforms: list[Similarity]  #: per face: scan frame (mm) -> model frame (identity for registered)
+    shared_identity: bool
+    info: SolveInfo
+    seconds: float
+    timings: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    target_vertices: np.ndarray | None = None  #: (B, V, 3) targets in template topology (for figures)
+
+
+def _codes_np(codes: Codes) -> tuple[np.ndarray, np.ndarray]:
+    zi, ze = codes.per_face()
+    return zi.detach().double().numpy(), ze.detach().double().numpy()
+
+
+def fit_registered(model: FaceModel, targets: np.ndarray, cfg, shared: bool | None = None,
+                   seed: int = 0) -> FitResult:
+    """Fit codes to meshes in template topology. targets: (B, V, 3) mm (model frame)."""
+    t = np.asarray(targets, dtype=np.float64)
+    if t.ndim != 3 or t.shape[1:] != (model.n_vertices, 3):
+        raise InputError(f"registered targets must have shape (B, {model.n_vertices}, 3), got {t.shape}")
+    t0 = time.perf_counter()
+    codes, info = solve_codes(model, Targets.vertices(t), cfg, shared=shared, seed=seed)
+    secs = time.perf_counter() - t0
+    zi, ze = codes.per_face()
+    verts = model.vertices(zi.to(model.dtype), ze.to(model.dtype))
+    ve = np.linalg.norm(verts - t, axis=-1)
+    return FitResult(*_codes_np(codes), verts, ve.mean(1), ve, [Similarity() for _ in t], codes.shared, info,
+                     secs, {"solve_s": secs}, target_vertices=t)
+
+
+# ============================================================================ scans
+@dataclass
+class Scan:
+    """A raw scan or point cloud (mm, its own frame) with optional normals and landmarks."""
+
+    points: np.ndarray  #: (P, 3)
+    faces: np.ndarray | None = None  #: (G, 3) or None for a point cloud
+    normals: np.ndarray | None = None  #: (P, 3)
+    landmarks: dict[str, np.ndarray] = field(default_factory=dict)  #: name -> (3,) mm, scan frame
+    name: str = "scan"
+    units: str = "mm"  #: the units the file was in
+    path: str | None = None
+
+
+def resolve_units(points: np.ndarray, units: str, path=None) -> tuple[float, str]:
+    """The factor to millimetres for a scan and the unit name.
+
+    ``auto``: the unit (mm, cm, m) whose conversion makes the largest extent face-sized
+    (:data:`cm3dmm.registered.PLAUSIBLE_EXTENT_MM`). An explicit unit whose result is not
+    face-sized, or a scan no unit makes face-sized, is an :class:`InputError`.
+    """
+    from cm3dmm.registered import PLAUSIBLE_EXTENT_MM
+
+    lo, hi = PLAUSIBLE_EXTENT_MM
+    ext = float(np.ptp(points, axis=0).max())
+    if units == "auto":
+        for name in ("mm", "cm", "m"):
+            if lo <= ext * UNIT_FACTORS[name] <= hi:
+                if name != "mm":
+                    log.info("%s: extent %.4g reads as %s (%.0f mm)", path or "scan", ext, name,
+                             ext * UNIT_FACTORS[name])
+                return UNIT_FACTORS[name], name
+        raise InputError(f"the scan spans {ext:.4g} units, which is face-sized ({lo:.0f}-{hi:.0f} mm) in "
+                         "none of mm, cm, m; is it a face scan?", path)
+    if units not in UNIT_FACTORS:
+        raise InputError(f"unknown units {units!r} (expected mm, cm, m or auto)", path)
+    mm = ext * UNIT_FACTORS[units]
+    if not lo <= mm <= hi:
+        guess = [n for n in ("mm", "cm", "m") if lo <= ext * UNIT_FACTORS[n] <= hi]
+        hint = f"; it looks like {guess[0]}: pass --units {guess[0]} (or auto)" if guess else ""
+        raise InputError(f"read as {units}, the scan spans {mm:.4g} mm, implausible for a face "
+                         f"({lo:.0f}-{hi:.0f} mm){hint}", path)
+    return UNIT_FACTORS[units], units
+
+
+def read_scan(path, units: str = "auto", landmarks: dict | None = None) -> Scan:
+    """Read an OBJ/PLY[.gz] scan or point cloud, validate it and convert it to mm."""
+    from cm3dmm.io.mesh import read_mesh
+
+    mesh = read_mesh(path)
+    pts = np.asarray(mesh.vertices, np.float64)
+    if len(pts) == 0:
+        raise InputError("the scan contains no points", path)
+    if not np.isfinite(pts).all():
+        bad = int((~np.isfinite(pts).all(1)).sum())
+        raise InputError(f"the scan has {bad} points with NaN or infinite coordinates", path)
+    if len(pts) < 10:
+        raise InputError(f"the scan has only {len(pts)} points (need at least 10)", path)
+    if float(np.ptp(pts, axis=0).max()) == 0.0:
+        raise InputError("all points of the scan coincide", path)
+    factor, unit = resolve_units(pts, units, path)
+    faces = np.asarray(mesh.faces) if len(mesh.faces) else None
+    normals = None
+    if mesh.normals is not None and np.isfinite(mesh.normals).all():
+        nrm = np.linalg.norm(mesh.normals, axis=1, keepdims=True)
+        normals = np.where(nrm > 0, mesh.normals / np.where(nrm > 0, nrm, 1), 0.0)
+    lms = {k: np.asarray(v, np.float64) * factor for k, v in (landmarks or {}).items()}
+    return Scan(pts * factor, faces, normals, lms, Path(path).name.split(".")[0], unit, str(path))
+
+
+def _vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
+    fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
+    n = np.zeros_like(v)
+    for k in range(3):
+        np.add.at(n, f[:, k], fn)
+    return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+
+
+def boundary_vertices(faces: np.ndarray, n: int) -> np.ndarray:
+    """(n,) bool: vertices on an edge used by exactly one triangle."""
+    e = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
+    uniq, count = np.unique(e, axis=0, return_counts=True)
+    out = np.zeros(n, bool)
+    out[uniq[count == 1].ravel()] = True
+    return out
+
+
+def _scan_targets(scan_pts: np.ndarray, full_pts: np.ndarray, scan: Scan, verts: np.ndarray, faces: np.ndarray,
+                  on_boundary: np.ndarray, trim: float, scan_tree,
+                  landmarks: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Targets, dict]:
+    """Correspondences of one scan with the current fit ``verts`` (V, 3).
+
+    scan_pts: (P', 3) the scan points used for scan->model pairs; full_pts: (P, 3) all scan
+    points (both already in the model frame); scan_tree: nearest neighbours of the full cloud
+    (point clouds only).
+    """
+    from cm3dmm.geometry import closest_points_on_mesh
+
+    proj = closest_points_on_mesh(scan_pts, verts, faces)
+    tri_v = faces[proj.tri]  # (P, 3)
+    vn = _vertex_normals(verts, faces)
+    # projections onto the boundary of the model region: the scan extends beyond the model
+    nz = proj.bary > 1e-6
+    edge = (on_boundary[tri_v] | ~nz).all(1)
+    keep = ~edge
+    d = proj.dist
+    if keep.sum() >= 3:
+        thr = np.quantile(d[keep], 1.0 - trim) if trim > 0 else np.inf
+        keep &= d <= thr
+    s2m_n = int(keep.sum())
+    vids_a = tri_v[keep]
+    bary_a = proj.bary[keep]
+    pts_a = scan_pts[keep]
+    na = np.einsum("pk,pkc->pc", bary_a, vn[vids_a])
+    na /= np.maximum(np.linalg.norm(na, axis=1, keepdims=True), 1e-12)
+    # model -> scan where the scan covers the model
+    if scan.faces is not None:
+        back = closest_points_on_mesh(verts, full_pts, scan.faces)
+        bd, bq = back.dist, back.closest
+        fn = _vertex_normals(full_pts, scan.faces)
+        nb = np.einsum("pk,pkc->pc", back.bary, fn[scan.faces[back.tri]])
+    else:
+        bd, j = scan_tree.query(verts)
+        bq = full_pts[j]
+        nb = scan_tree.normals(j)
+    nb /= np.maximum(np.linalg.norm(nb, axis=1, keepdims=True), 1e-12)
+    cover = np.median(d[keep]) * 3.0 + 1.0 if keep.any() else np.inf
+    mk = (bd <= cover) & ~on_boundary
+    if mk.sum() >= 3 and trim > 0:
+        mk &= bd <= np.quantile(bd[mk], 1.0 - trim)
+    vid_b = np.flatnonzero(mk)
+    pts = np.concatenate([pts_a, bq[mk]])
+    vids = np.concatenate([vids_a, np.repeat(vid_b[:, None], 3, 1)])
+    bary = np.concatenate([bary_a, np.tile([1.0, 0.0, 0.0], (len(vid_b), 1))])
+    normals = np.concatenate([na, nb[mk]])
+    # both directions weigh the same in total
+    wa = np.full(len(pts_a), 1.0 / max(len(pts_a), 1))
+    wb = np.full(len(vid_b), 1.0 / max(len(vid_b), 1))
+    w = np.concatenate([wa, wb])
+    if landmarks is not None:  # landmark pairs: point-to-point only (zero normal), anchor sliding
+        lv, lp = landmarks
+        pts = np.concatenate([pts, lp])
+        vids = np.concatenate([vids, np.repeat(lv[:, None], 3, 1)])
+        bary = np.concatenate([bary, np.tile([1.0, 0.0, 0.0], (len(lv), 1))])
+        normals = np.concatenate([normals, np.zeros((len(lv), 3))])
+        w = np.concatenate([w, np.full(len(lv), LANDMARK_WEIGHT / len(lv))])
+    t = Targets(torch.as_tensor(pts)[None], torch.as_tensor(vids.astype(np.int64))[None],
+                torch.as_tensor(bary)[None], torch.as_tensor(w)[None], torch.as_tensor(normals)[None], p2p=P2P_WEIGHT)
+    stats = {"scan_to_model": s2m_n, "model_to_scan": int(len(vid_b)),
+             "trimmed_rms_mm": float(np.sqrt(np.mean(d[keep] ** 2))) if keep.any() else float("nan")}
+    return t, stats
+
+
+def _landmark_pose(scan: Scan, model: FaceModel, with_scale: bool) -> Similarity | None:
+    if not scan.landmarks:
+        return None
+    common = [k for k in scan.landmarks if k in model.landmarks]
+    if len(common) < 3:
+        raise InputError(f"the landmarks share only {len(common)} names with the template's "
+                         f"({sorted(model.landmarks)[:8]}...); need at least 3", scan.path)
+    src = np.stack([scan.landmarks[k] for k in common])
+    dst = model.mean[[model.landmarks[k] for k in common]]
+    return umeyama(src, dst, with_scale=with_scale)
+
+
+def fit_scans(model: FaceModel, scans: Sequence[Scan], cfg, seed: int = 0) -> FitResult:
+    """Fit codes + a rigid (+ scale when ``cfg.scale``) pose per scan (the scans of one subject).
+
+    Returns the fit in the model frame; ``transforms[b]`` maps scan b (mm) into it.
+    """
+    from scipy.spatial import cKDTree
+
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    faces = np.asarray(model.faces)
+    on_b = boundary_vertices(faces, model.n_vertices)
+    with_scale = bool(getattr(cfg, "scale", False))
+    max_pts = int(getattr(cfg, "scan_points", 0)) or None
+    warnings: list[str] = []
+    subs, poses, trees, cloud_n = [], [], [], []
+    for scan in scans:
+        pts = scan.points
+        if max_pts and len(pts) > max_pts:
+            pts = pts[rng.choice(len(pts), max_pts, replace=False)]
+        subs.append(pts)
+        trees.append(cKDTree(scan.points) if scan.faces is None else None)
+        cloud_n.append(None if scan.faces is not None else
+                       (scan.normals if scan.normals is not None else cloud_normals(scan.points, trees[-1])))
+        init = _landmark_pose(scan, model, with_scale)
+        res = align_to_reference(pts, model.mean, faces, trim=max(cfg.trim, 0.1), with_scale=with_scale, init=init,
+                                 seed=seed)
+        log.info("%s: initial pose, trimmed RMS %.2f mm", scan.name, res.rmse)
+        poses.append(res.transform)
+    t_rigid = time.perf_counter() - t_start
+    b = len(scans)
+    shared = cfg.mode == "per-subject" and model.shared_identity and b > 1
+    zi, ze = model.mean_codes(b)
+    codes = Codes(zi[:1].clone() if shared else zi, ze, shared)
+    info_total = SolveInfo()
+    stats = []
+    inner = max(3, int(math.ceil(cfg.max_iter / max(cfg.scan_iters, 1))))
+    sub_cfg = _replace(cfg, max_iter=inner, points=0)
+    for it in range(max(cfg.scan_iters, 1)):
+        zf, zef = codes.per_face()
+        verts = model.vertices(zf.to(model.dtype), zef.to(model.dtype))
+        parts, stats = [], []
+        for k, scan in enumerate(scans):
+            tree = None if trees[k] is None else _Tree(trees[k], poses[k], cloud_n[k])
+            lm = None
+            common = [n for n in scan.landmarks if n in model.landmarks]
+            if len(common) >= 3:
+                lm = (np.array([model.landmarks[n] for n in common]),
+                      poses[k].apply(np.stack([scan.landmarks[n] for n in common])))
+            tg, st = _scan_targets(poses[k].apply(subs[k]), poses[k].apply(scan.points), scan, verts[k], faces,
+                                   on_b, cfg.trim, tree, lm)
+            parts.append(tg)
+            stats.append(st)
+        targets = Targets.stack(parts)
+        joint = cfg.optimizer == "lm"
+        start = codes.with_pose() if joint else codes
+        codes, info = solve_codes(model, targets, sub_cfg, codes=start, shared=shared, seed=seed)
+        if joint:  # fold the solved rigid motion into the poses
+            centre = _Problem.centre_of(targets).numpy()
+            for k in range(b):
+                r = codes.rot[k].numpy()
+                motion = Similarity(r, centre[k] - r @ centre[k] + codes.trans[k].numpy())
+                poses[k] = motion.compose(poses[k])
+            codes = Codes(codes.z_id, codes.z_exp, codes.shared)
+        info_total.iterations += info.iterations
+        info_total.jacobians += info.jacobians
+        info_total.evaluations += info.evaluations
+        info_total.history += info.history
+        info_total.objective = info.objective
+        info_total.status = info.status
+        if joint:
+            continue
+        # rigid refinement against the new fit (optimisers without the joint pose)
+        zf, zef = codes.per_face()
+        verts = model.vertices(zf.to(model.dtype), zef.to(model.dtype))
+        for k in range(b):
+            res = trimmed_icp(subs[k], verts[k], faces, poses[k], trim=cfg.trim, max_iter=10,
+                              with_scale=with_scale)
+            poses[k] = res.transform
+    zf, zef = codes.per_face()
+    verts = model.vertices(zf.to(model.dtype), zef.to(model.dtype))
+    errors, verr, tverts = [], [], []
+    from cm3dmm.geometry import closest_points_on_mesh
+
+    for k, scan in enumerate(scans):
+        moved = poses[k].apply(subs[k])
+        proj = closest_points_on_mesh(moved, verts[k], faces)
+        d = np.sort(proj.dist)[: max(1, int(round(len(moved) * (1 - cfg.trim))))]
+        errors.append(float(d.mean()))
+        full = poses[k].apply(scan.points)
+        if scan.faces is not None:
+            back = closest_points_on_mesh(verts[k], full, scan.faces)
+            bd, bq = back.dist, back.closest
+        else:
+            bd, j = cKDTree(full).query(verts[k])
+            bq = full[j]
+        ve = bd.copy()
+        ve[bd > max(3 * np.median(bd), 2.0)] = np.nan
+        verr.append(ve)
+        tverts.append(bq)
+        if errors[-1] > 5.0:
+            warnings.append(f"{scan.name}: the fit leaves a mean trimmed distance of {errors[-1]:.2f} mm to the "
+                            "scan (alignment or coverage problem?)")
+            log.warning(warnings[-1])
+    secs = time.perf_counter() - t_start
+    zi_np, ze_np = _codes_np(codes)
+    res = FitResult(zi_np, ze_np, verts, np.asarray(errors), np.asarray(verr), poses, shared, info_total, secs,
+                    {"rigid_init_s": t_rigid, "total_s": secs}, warnings, np.asarray(tverts))
+    res.timings["correspondences"] = stats
+    return res
+
+
+class _Tree:
+    """A KD-tree of a point cloud queried in the model frame (the cloud moves with its pose)."""
+
+    def __init__(self, tree, pose: Similarity, normals: np.ndarray):
+        self.tree, self.pose, self.inv, self._normals = tree, pose, pose.inverse(), normals
+
+    def query(self, pts):
+        d, j = self.tree.query(self.inv.apply(pts))
+        return d * self.pose.scale, j
+
+    def normals(self, j):
+        return self.pose.apply_vectors(self._normals[j])
+
+
+def cloud_normals(points: np.ndarray, tree, k: int = 12) -> np.ndarray:
+    """Unoriented unit normals of a point cloud (P, 3): smallest principal axis of k neighbours."""
+    _, nb = tree.query(points, k=min(k, len(points)))
+    q = points[nb] - points[nb].mean(1, keepdims=True)  # (P, k, 3)
+    _, vecs = np.linalg.eigh(np.einsum("pki,pkj->pij", q, q))
+    return vecs[:, :, 0]
+
+
+def _replace(cfg, **kw):
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{k: v for k, v in kw.items() if k in names})
+
+
+# ============================================================================ stage entry
+def _read_landmarks(path, n_scans: int, scan_paths: list[str]) -> list[dict]:
+    if path is None:
+        return [{} for _ in range(n_scans)]
+    p = Path(path)
+    if not p.exists():
+        raise InputError("landmarks file not found", p)
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"landmarks file is not valid JSON ({exc})", p) from None
+
+    def one(d):
+        if not isinstance(d, dict):
+            raise InputError("landmarks must be a mapping name -> [x, y, z]", p)
+        out = {}
+        for k, v in d.items():
+            a = np.asarray(v, dtype=np.float64) if isinstance(v, (list, tuple)) else None
+            if a is None or a.shape != (3,) or not np.isfinite(a).all():
+                raise InputError(f"landmark {k!r} is not a finite [x, y, z]", p)
+            out[str(k)] = a
+        return out
+
+    if isinstance(data, list):
+        if len(data) != n_scans:
+            raise InputError(f"{len(data)} landmark sets for {n_scans} scans", p)
+        return [one(d) for d in data]
+    if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+        names = [Path(s).name for s in scan_paths]
+        out = []
+        for s, n in zip(scan_paths, names):
+            key = next((k for k in (s, n, n.split(".")[0]) if k in data), None)
+            out.append(one(data[key]) if key is not None else {})
+        return out
+    if n_scans != 1:
+        raise InputError("one landmark set given for several scans; give a list or a mapping per scan file", p)
+    return [one(data)]
+
+
+def _load_registered_scans(paths: list[str], model: FaceModel, units: str) -> np.ndarray:
+    from cm3dmm.io.mesh import read_mesh
+
+    out = []
+    for p in paths:
+        mesh = read_mesh(p)
+        v = np.asarray(mesh.vertices, np.float64)
+        if v.shape[0] != model.n_vertices:
+            raise InputError(f"passed as registered, but the mesh has {v.shape[0]} vertices and the template "
+                             f"{model.n_vertices}; fit it as a scan (without --registered)", p)
+        if len(mesh.faces) and (mesh.faces.shape != model.faces.shape or
+                                not np.array_equal(np.sort(mesh.faces, 1), np.sort(model.faces, 1))):
+            raise InputError("passed as registered, but its triangles differ from the template's", p)
+        if not np.isfinite(v).all():
+            raise InputError("the mesh has NaN or infinite coordinates", p)
+        factor, _ = resolve_units(v, units, p)
+        out.append(v * factor)
+    return np.stack(out)
+
+
+def run_fit(cfg, method: str | None = None, subject: str | None = None, model: str | None = None,
+            scan: list[str] | None = None, registered: bool | None = None, landmarks: str | None = None,
+            units: str | None = None, out: str | None = None) -> dict:
+    """The ``fit`` stage: fit one subject of the run's test split, or the user's own meshes.
+
+    Writes ``out`` (default ``fits/{method}/{subject}.npz``) with ``.json`` and ``.png`` beside it,
+    and, when ``out`` is given, one mesh per expression at ``cfg.fit.level``
+    (``{out stem}.{expression}.obj``; scans: in the scan's frame and units). Returns the summary.
+    """
+    from cm3dmm.methods import load_method
+    from cm3dmm.paths import RunPaths
+
+    fc = cfg.fit
+    method = method or "cm3dmm"
+    paths = RunPaths.of(cfg.run_dir)
+    torch.set_num_threads(max(1, int(getattr(cfg.train, "threads", 0) or torch.get_num_threads())))
+    model_path = Path(model) if model else paths.model(method)
+    template = None
+    if method != "cm3dmm" and paths.template.exists():
+        try:
+            from cm3dmm.template import load_template
+
+            template = load_template(paths.template)
+        except ImportError:  # pragma: no cover - template module always present in releases
+            template = None
+    fm = load_method(model_path, template=template)
+    units = units or getattr(fc, "units", "auto")
+    scan_list = list(scan or [])
+    if scan_list:
+        names = [Path(s).name.split(".")[0] for s in scan_list]
+        subj = subject or names[0]
+        if registered:
+            targets = _load_registered_scans(scan_list, fm, units)
+            result = fit_registered(fm, targets, fc)
+            kind = "registered"
+        else:
+            lms = _read_landmarks(landmarks, len(scan_list), scan_list)
+            scans = [read_scan(p, units, lm) for p, lm in zip(scan_list, lms)]
+            result = fit_scans(fm, scans, fc)
+            kind = "scan"
+        expressions = names
+    else:
+        if subject is None:
+            raise InputError("give --subject (a test subject of the run) or --scan FILE")
+        from cm3dmm.registered import read_registered
+
+        data = read_registered(paths.registered, with_scans=False)
+        idx = [i for i, s in enumerate(data.subject) if s == subject]
+        if not idx:
+            raise InputError(f"subject {subject!r} is not in the dataset (test subjects: "
+                             f"{data.subjects('test')[:10]})", paths.registered)
+        if data.n_vertices != fm.n_vertices:
+            raise InputError(f"the dataset has {data.n_vertices} vertices per mesh, the {method} model "
+                             f"{fm.n_vertices}: retrain the model for this dataset", model_path)
+        targets = data.vertices[idx].astype(np.float64)
+        expressions = [data.expression[i] for i in idx]
+        subj = subject
+        result = fit_registered(fm, targets, fc)
+        kind = "registered"
+    out_npz = Path(out) if out else paths.fit_npz(method, subj)
+    if out_npz.suffix != ".npz":
+        out_npz = out_npz.with_suffix(".npz")
+    summary = write_fit(out_npz, result, fm, method, subj, expressions, kind, fc,
+                        scans=None if kind != "scan" else scans, meshes=out is not None)
+    return summary
+
+
+def write_fit(out_npz: Path, result: FitResult, fm: FaceModel, method: str, subject: str,
+              expressions: list[str], kind: str, fc, scans=None, meshes: bool = False) -> dict:
+    """Write the ``.npz``, ``.json``, ``.png`` (and meshes) of a fit; everything atomically."""
+    from cm3dmm.config import config_to_dict
+    from cm3dmm.io.atomic import atomic_save_npz, atomic_write_json
+
+    info = result.info
+    b = len(expressions)
+    if not np.isfinite(result.vertices).all():
+        raise StageError(f"fit of {subject} produced non-finite vertices (objective {info.objective})")
+    mats = np.stack([t.matrix() for t in result.transforms])
+    summary = {
+        "method": method, "subject": subject, "target": kind, "expressions": expressions,
+        "mode": "per-subject" if result.shared_identity else "per-face",
+        "optimizer": fc.optimizer,
+        "errors_mm": {e: float(x) for e, x in zip(expressions, result.errors)},
+        "mean_error_mm": float(np.mean(result.errors)),
+        "error_definition": ("mean vertex distance to the registered target" if kind == "registered"
+                             else f"mean distance of the scan points to the fit (worst {fc.trim:.0%} trimmed)"),
+        "convergence": {"status": info.status, "converged": info.converged, "iterations": info.iterations,
+                        "jacobians": info.jacobians, "evaluations": info.evaluations,
+                        "objective": info.objective},
+        "timings_s": {"total": result.seconds, "per_face": result.seconds / max(b, 1),
+                      **{k: v for k, v in result.timings.items() if isinstance(v, float)}},
+        "transforms": [t.to_dict() for t in result.transforms],
+        "warnings": list(result.warnings),
+        "fit_config": config_to_dict(fc),
+    }
+    if scans is not None:
+        summary["scans"] = [{"path": s.path, "units": s.units, "points": int(len(s.points))} for s in scans]
+    if not info.converged:
+        msg = f"{subject}: the optimiser stopped with status {info.status!r} after {info.iterations} iterations"
+        summary["warnings"].append(msg)
+        log.warning(msg)
+    atomic_save_npz(
+        out_npz, z_id=result.z_id.astype(np.float32), z_exp=result.z_exp.astype(np.float32),
+        vertices=result.vertices.astype(np.float32), errors=result.errors.astype(np.float32),
+        vertex_errors=result.vertex_errors.astype(np.float32), transforms=mats,
+        expressions=np.array(expressions), shared_identity=np.array(result.shared_identity),
+        faces=np.asarray(fm.faces, np.int32), method=np.array(method), subject=np.array(subject),
+        converged=np.array(info.converged), seconds=np.array(result.seconds))
+    try:
+        render_fit_png(out_npz.with_suffix(".png"), result, fm, expressions)
+        summary["png"] = str(out_npz.with_suffix(".png"))
+    except Exception as exc:  # noqa: BLE001 - a missing OpenGL must not lose the fit
+        log.warning("could not render %s (%s)", out_npz.with_suffix(".png"), exc)
+        summary["warnings"].append(f"no figure: {exc}")
+    if meshes:
+        summary["meshes"] = write_meshes(out_npz, result, fm, expressions, fc.level, scans)
+    atomic_write_json(out_npz.with_suffix(".json"), summary)
+    return summary
+
+
+def write_meshes(out_npz: Path, result: FitResult, fm: FaceModel, expressions: list[str], level: int,
+                 scans=None) -> list[str]:
+    """One OBJ per expression at upsampling ``level``; scans: in the scan's frame and units."""
+    from cm3dmm.io.mesh import Mesh, write_mesh
+
+    zi = torch.as_tensor(result.z_id, dtype=fm.dtype)
+    ze = torch.as_tensor(result.z_exp, dtype=fm.dtype)
+    verts, faces = fm.mesh(zi, ze, level)
+    written = []
+    for k, e in enumerate(expressions):
+        v = verts[k]
+        if scans is not None:
+            v = result.transforms[k].inverse().apply(v) / UNIT_FACTORS[scans[k].units]
+        p = out_npz.with_name(f"{out_npz.stem}.{e}.obj")
+        write_mesh(p, Mesh(v, faces))
+        written.append(str(p))
+    return written
+
+
+def render_fit_png(path: Path, result: FitResult, fm: FaceModel, expressions: list[str], max_rows: int = 4):
+    """Rows: up to ``max_rows`` expressions; columns: target, fit, error heat map (mm)."""
+    from cm3dmm.render import render_grid
+
+    rows = list(range(min(len(expressions), max_rows)))
+    tv = result.target_vertices
+    fit = result.vertices[rows]
+    tgt = tv[rows] if tv is not None else fit
+    err = np.nan_to_num(result.vertex_errors[rows], nan=0.0)
+    grid = np.stack([tgt, fit, fit], 1)
+    sc = np.stack([np.full_like(err, np.nan), np.full_like(err, np.nan), err], 1)
+    hi = float(np.quantile(err, 0.98)) if err.size else 1.0
+    # the target/fit columns take the colour map's low end when scalars are NaN; draw them grey
+    # by giving them a constant below the range
+    sc = np.where(np.isnan(sc), -1.0, sc)
+    render_grid(grid, fm.faces, path, row_labels=[expressions[r] for r in rows],
+                col_labels=["target", "fit", "error (mm)"], scalars=sc, clim=(0.0, max(hi, 1e-3)),
+                cmap="magma_r", scalar_label="vertex error (mm)")
