@@ -148,6 +148,7 @@ class TrainConfig:
     threads: int = 0  #: torch threads; 0 = torch's default
     log_every: int = 10  #: a train_log.csv row (mean loss terms since the last row) every N steps
     val_faces: int = 128  #: training faces whose held-out points are validated periodically; 0 = all
+    resume: bool = True  #: continue from checkpoints/last.pt of the same configuration (false: start afresh)
 
 
 @dataclass

@@ -33,7 +33,9 @@ the log rows. A run that is killed at any moment and restarted continues from it
 same weights as an uninterrupted run (same seed, same thread count). A checkpoint written for another
 configuration (model / training settings, template, cache, world size) is not resumed from: training
 starts afresh and overwrites it (a warning is logged). ``threads``, ``device``, ``checkpoint_every``,
-``validate_every``, ``val_faces`` and ``log_every`` may change between runs.
+``validate_every``, ``val_faces`` and ``log_every`` may change between runs. A finished run's final
+checkpoint is resumed from too (rerunning gives the same model at once, as training is deterministic);
+``train.resume: false`` (or deleting ``checkpoints/``) retrains from scratch, e.g. after changing code.
 
 **DDP**: under ``torchrun`` (``WORLD_SIZE > 1``) the network and the code tables are wrapped in
 ``DistributedDataParallel`` (gloo on CPU, nccl on CUDA; each rank on ``cuda:LOCAL_RANK``); every
@@ -81,7 +83,8 @@ CHECKPOINT_VERSION = 1
 LOSS_TERMS = ("total", "distance", "id_cos", "exp_cos", "mean_prior", "std_prior")
 LOG_COLUMNS = ("step",) + LOSS_TERMS + ("lr", "code_lr", "elapsed_s", "val_mm")
 #: train-config fields that may change between a run and its resumption
-_RESUMABLE_CHANGES = ("threads", "device", "checkpoint_every", "validate_every", "val_faces", "log_every")
+_RESUMABLE_CHANGES = ("threads", "device", "checkpoint_every", "validate_every", "val_faces", "log_every",
+                      "resume")
 
 __all__ = ["run_train", "train", "TrainResult", "TrainData", "batch_faces", "CodeTables"]
 
@@ -479,7 +482,7 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=tc.lr_gamma)
 
     start, best, rows, elapsed0, acc = 0, {"step": -1, "val": math.inf}, [], 0.0, None
-    ckpt = _load_checkpoint(last_path, fingerprint)
+    ckpt = _load_checkpoint(last_path, fingerprint) if tc.resume else None
     if ckpt is not None:
         net.load_state_dict(ckpt["net"])
         opt.load_state_dict(ckpt["optimizer"])

@@ -257,6 +257,7 @@ def test_checkpoint_of_another_config_is_not_resumed(prepared, tmp_path):
     other = config_from_dict(_deep(values, {"train": {"steps": 20, "lr": 5e-3}}))
     fresh = run_train(other)
     assert fresh.resumed_from == 0 and fresh.steps == 20
+    assert run_train(config_from_dict(_deep(values, {"train": {"resume": False}}))).resumed_from == 0
 
 
 def test_cache_of_another_template_is_refused(prepared, tmp_path):
@@ -293,11 +294,12 @@ def _env(**extra):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(prepared, tmp_path):
-    steps = {"steps": 150, "checkpoint_every": 10, "validate_every": 25}
-    # uninterrupted reference
+    from cm3dmm.train import run_train
+
+    steps = {"steps": 100, "checkpoint_every": 10, "validate_every": 25}
+    # uninterrupted reference (in this process: one thread, like the subprocesses)
     ref_cfg, ref_values = make_run(prepared, tmp_path / "a", train=steps)
-    subprocess.run(_cli(_write_cfg(tmp_path / "a", ref_values)), check=True, env=_env(), cwd=REPO,
-                   capture_output=True, timeout=300)
+    run_train(ref_cfg)
     # killed after its first checkpoint, then rerun
     cfg, values = make_run(prepared, tmp_path / "b", train=steps)
     cfg_path = _write_cfg(tmp_path / "b", values)
@@ -311,7 +313,7 @@ def test_resume_after_sigkill_equals_uninterrupted(prepared, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(last, weights_only=False)["step"]
-    assert 10 <= killed_at < 150
+    assert 10 <= killed_at < 100
     assert not RunPaths.of(cfg.run_dir).model("cm3dmm").exists()
     subprocess.run(_cli(cfg_path), check=True, env=_env(), cwd=REPO, capture_output=True, timeout=300)
     sa, ea = _final_state(RunPaths.of(ref_cfg.run_dir).model("cm3dmm"))
