@@ -269,6 +269,7 @@ class GridTableEncoder(UVEncoder):
                              persistent=False)
         self.register_buffer("_size", as_long(sizes), persistent=False)
         self.register_buffer("_hashed", torch.tensor([m == "hash" for m in modes]), persistent=False)
+        self._any_hashed = "hash" in modes  # a Python flag: no device sync per forward
 
     def level_table(self, level: int) -> Tensor:
         o = sum(self.table_sizes[:level])
@@ -278,7 +279,7 @@ class GridTableEncoder(UVEncoder):
         """ij: (P, L, 2) int64 corner coordinates -> (P, L) flat table rows."""
         i, j = ij[..., 0], ij[..., 1]
         row = torch.remainder(i + j * self._stride, self._size)  # dense: no-op; wrap: mod res^2
-        if bool(self._hashed.any()):
+        if self._any_hashed:
             h = torch.remainder(torch.bitwise_xor(i * HASH_PRIMES[0], j * HASH_PRIMES[1]), self._size)
             row = torch.where(self._hashed, h, row)
         return row + self._offset
