@@ -58,6 +58,8 @@ RELEASE_LR = 3e-3
 RELEASE_ITERS = 1000
 #: unit name -> factor to millimetres
 UNIT_FACTORS = {"mm": 1.0, "cm": 10.0, "m": 1000.0}
+#: values of Jacobian held at once (faces are processed in chunks below this)
+JACOBIAN_BUDGET = 30_000_000
 #: scans: weight of the point-to-point residual added to the point-to-plane one
 P2P_WEIGHT = 0.1
 #: scans: total weight of the landmark pairs (each direction of the closest points weighs 1)
@@ -222,6 +224,7 @@ class _Problem:
         self.release = release
         self.wsum = targets.weights.sum(1).clamp_min(1e-12)  # (B,)
         self.center = self.centre_of(targets)  # (B, 3) rotation centre of the poses
+        self.single = bool((targets.bary[..., 1:] == 0).all())
         dt = torch.float64
         self.pid = (1.0 / model.id_prior.std.to(dt) ** 2, model.id_prior.mean.to(dt))
         self.pexp = (1.0 / model.exp_prior.std.to(dt) ** 2, model.exp_prior.mean.to(dt))
@@ -279,30 +282,44 @@ class _Problem:
         """Per face: A (B, D, D) = J^T W J / W_b, g (B, D) = J^T W r / W_b, data energy (B,).
 
         With a rigid motion in ``codes`` the unknowns of a face are [z_id, z_exp, dw (3), dt (3)]
-        (a left increment of the motion about the targets' centre)."""
+        (a left increment of the motion about the targets' centre). Faces are processed in
+        chunks that bound the Jacobian's memory (:data:`JACOBIAN_BUDGET` values)."""
         tg = self.targets_at(codes)
         zi, ze = codes.per_face()
         dt = self.model.dtype
-        x, jx = self.model.jacobian(self.ctx, zi.to(dt), ze.to(dt))  # (B,U,3), (B,U,3,D)
-        b = torch.arange(x.shape[0]).view(-1, 1, 1)
-        bary = self.t.bary.to(jx.dtype)
-        pred = (x[b, self.local] * bary[..., None]).sum(2)
-        jp = (jx[b, self.local] * bary[..., None, None]).sum(2).to(torch.float64)  # (B, K, 3, D)
-        if codes.rot is not None:
-            # r = pred - (R_d (p - c) + c + t_d): d r / d w = skew(p - c), d r / d t = -I
-            arm = tg.points - self.center[:, None, :]
-            jpose = torch.cat([_skew(arm), -torch.eye(3, dtype=torch.float64).expand_as(_skew(arm))], -1)
-            jp = torch.cat([jp, jpose], -1)  # (B, K, 3, D + 6)
-        r = _residuals(pred, tg).to(torch.float64)
-        if tg.normals is not None:
-            jn = (jp * tg.normals.to(jp.dtype)[..., None]).sum(2, keepdim=True)  # (B, K, 1, D)
-            jp = torch.cat([jn, tg.p2p * jp], 2)
-        sw = (tg.weights / self.wsum[:, None]).sqrt()  # (B, K)
-        jw = (jp * sw[..., None, None]).flatten(1, 2)  # (B, K*c, D)
-        rw = (r * sw[..., None]).flatten(1, 2)  # (B, K*c)
-        a = jw.transpose(1, 2) @ jw
-        g = (jw.transpose(1, 2) @ rw[..., None])[..., 0]
-        return a, g, (rw * rw).sum(1)
+        n_b, k = tg.points.shape[:2]
+        per_face = max(int(self.local.max()) + 1, 1) * 3 * (self.model.code_dim + 6) * (1 if self.single else 2)
+        step = max(1, JACOBIAN_BUDGET // max(per_face, 1))
+        outs = []
+        for s in range(0, n_b, step):
+            sl = slice(s, min(s + step, n_b))
+            x, jx = self.model.jacobian(self.ctx, zi[sl].to(dt), ze[sl].to(dt))  # (b,U,3), (b,U,3,D)
+            b = torch.arange(x.shape[0]).view(-1, 1)
+            loc = self.local[sl]
+            if self.single:  # registered targets: each point is one vertex
+                pred = x[b, loc[..., 0]]
+                jp = jx[b, loc[..., 0]].to(torch.float64)  # (b, K, 3, D)
+            else:
+                bary = self.t.bary[sl].to(jx.dtype)
+                pred = (x[b[..., None], loc] * bary[..., None]).sum(2)
+                jp = (jx[b[..., None], loc] * bary[..., None, None]).sum(2).to(torch.float64)
+            del jx
+            pts = tg.points[sl]
+            if codes.rot is not None:
+                # r = pred - (R_d (p - c) + c + t_d): d r / d w = skew(p - c), d r / d t = -I
+                sk = _skew(pts - self.center[sl, None, :])
+                jp = torch.cat([jp, sk, -torch.eye(3, dtype=torch.float64).expand_as(sk)], -1)  # (b, K, 3, D + 6)
+            part = Targets(pts, tg.vids[sl], tg.bary[sl], tg.weights[sl],
+                           None if tg.normals is None else tg.normals[sl], tg.p2p)
+            r = _residuals(pred, part).to(torch.float64)
+            if part.normals is not None:
+                jn = (jp * part.normals.to(jp.dtype)[..., None]).sum(2, keepdim=True)  # (b, K, 1, D)
+                jp = torch.cat([jn, part.p2p * jp], 2)
+            sw = (part.weights / self.wsum[sl, None]).sqrt()  # (b, K)
+            jw = (jp * sw[..., None, None]).flatten(1, 2)  # (b, K*c, D)
+            rw = (r * sw[..., None]).flatten(1, 2)  # (b, K*c)
+            outs.append((jw.transpose(1, 2) @ jw, (jw.transpose(1, 2) @ rw[..., None])[..., 0], (rw * rw).sum(1)))
+        return tuple(torch.cat([o[i] for o in outs]) for i in range(3))
 
 
 def _groups(codes: Codes) -> list[list[int]]:

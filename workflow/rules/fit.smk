@@ -1,14 +1,19 @@
+# Per-subject fitting: one rule instance per (method, test subject); independent, so a cluster
+# executor spreads them. `cm3dmm fit` fits all of the subject's expressions at once (one shared
+# identity code under fit.mode: per-subject) and writes codes, fitted vertices, per-face errors,
+# timings and convergence (.npz + .json) and the target / fit / error picture (.png).
 rule fit:
     input:
-        model=str(P.model_dir("{method}") / "model.pt"),
+        model=str(P.model("{method}")),
         registered=str(P.registered),
         template=str(P.template),
     output:
-        npz=str(P.fit_dir("{method}") / "{subject}.npz"),
-        json=str(P.fit_dir("{method}") / "{subject}.json"),
-        png=str(P.fit_dir("{method}") / "{subject}.png"),
+        npz=str(P.fit_npz("{method}", "{subject}")),
+        json=str(P.fit_json("{method}", "{subject}")),
+        png=str(P.fit_png("{method}", "{subject}")),
     wildcard_constraints:
         method="cm3dmm|pca|bilinear",
+    threads: 1
     params:
         cfg=CFG_JSON,
     shell:
