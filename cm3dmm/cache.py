@@ -44,7 +44,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from cm3dmm.errors import InputError
 from cm3dmm.geometry import barycentric_interpolate, closest_points_on_mesh, sample_surface
@@ -461,34 +461,40 @@ class SampleCache:
         if continuous not in ("surface", "scan"):
             raise ValueError(f"continuous must be 'surface' or 'scan', got {continuous!r}")
         B, n = len(idx), n_vertex + n_continuous
-        order = np.empty((B, n_vertex), np.int32)
-        out = np.empty((B, n, POINT_CHANNELS), np.float32)
+        uv = np.empty((B, n, 2), np.float32)
+        target = np.empty((B, n, 3), np.float32)
+        avg = np.empty((B, n, 3), np.float32)
         v_runs = _ring_slices(offset * n_vertex, n_vertex, self.n_vertices)
         c_runs = _ring_slices(offset * n_continuous, n_continuous, self.n_continuous)
+        V = self.n_vertices
         try:
             for b, s in enumerate(idx):
                 for a, e, d in v_runs:
-                    self._vo.read_direct(order, np.s_[s, a:e], np.s_[b, d:d + e - a])
-                    self._vt.read_direct(out, np.s_[s, a:e, :], np.s_[b, d:d + e - a, TARGET])
+                    order = self._vo[s, a:e]
+                    if order.min() < 0 or order.max() >= V:
+                        raise self._fail("sample cache is corrupt (vertex order out of range): "
+                                         "rerun cache_samples")
+                    target[b, d:d + e - a] = self._vt[s, a:e]
+                    np.take(self.template_uv, order, axis=0, out=uv[b, d:d + e - a])
+                    np.take(self.template_avg, order, axis=0, out=avg[b, d:d + e - a])
                 lo, hi = int(self.scan_offset[s]), int(self.scan_offset[s + 1])
                 if continuous == "scan" and hi > lo and n_continuous:
-                    for a, e, d in _ring_slices(offset * n_continuous, n_continuous, hi - lo):
-                        self._sp.read_direct(out, np.s_[lo + a:lo + e], np.s_[b, n_vertex + d:n_vertex + d + e - a])
+                    runs = [(lo + a, lo + e, d) for a, e, d in _ring_slices(offset * n_continuous, n_continuous,
+                                                                             hi - lo)]
+                    src = self._sp
+                    rows = lambda a, e: src[a:e]  # noqa: E731
                 else:
-                    for a, e, d in c_runs:
-                        self._cp.read_direct(out, np.s_[s, a:e], np.s_[b, n_vertex + d:n_vertex + d + e - a])
+                    runs, src = c_runs, self._cp
+                    rows = lambda a, e: src[s, a:e]  # noqa: E731
+                for a, e, d in runs:
+                    p = rows(a, e)
+                    dst = slice(n_vertex + d, n_vertex + d + e - a)
+                    uv[b, dst], target[b, dst], avg[b, dst] = p[:, UV], p[:, TARGET], p[:, AVG]
+        except InputError:
+            raise
         except Exception as exc:
             raise self._fail(f"sample cache is corrupt ({str(exc)[:160]}): rerun cache_samples") from None
-        if order.size and (order.min() < 0 or order.max() >= self.n_vertices):
-            raise self._fail("sample cache is corrupt (vertex order out of range): rerun cache_samples")
-        out[:, :n_vertex, UV] = self.template_uv[order]
-        out[:, :n_vertex, AVG] = self.template_avg[order]
-        return {
-            "uv": np.ascontiguousarray(out[..., UV]),
-            "target": np.ascontiguousarray(out[..., TARGET]),
-            "avg": np.ascontiguousarray(out[..., AVG]),
-            "index": idx,
-        }
+        return {"uv": uv, "target": target, "avg": avg, "index": idx}
 
     def vertex_order(self, i: int) -> np.ndarray:
         """(V,) the stored shuffled vertex order of sample ``i``."""
@@ -545,7 +551,8 @@ class FaceBatchDataset(Dataset):
     process. :meth:`set_epoch` moves every face to the next slice of its stored order (with
     worker processes, call it before iterating the loader and use non-persistent workers).
 
-    :meth:`batches` is the fast path: whole batches of B faces read directly, as tensors.
+    :meth:`batches` is the fast path: whole batches of B faces read directly, as tensors;
+    :meth:`loader` is the same with ``DataLoader`` worker processes prefetching batches.
     """
 
     def __init__(self, cache_path: str | os.PathLike, n_vertex: int, n_continuous: int,
@@ -590,19 +597,59 @@ class FaceBatchDataset(Dataset):
         return {"uv": torch.from_numpy(r["uv"][0]), "target": torch.from_numpy(r["target"][0]),
                 "avg": torch.from_numpy(r["avg"][0]), "index": torch.tensor(int(i))}
 
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A DataLoader batch in one :meth:`SampleCache.read` (torch's batched fetch hook)."""
+        r = self.cache.read(np.asarray(indices, np.int64), self.n_vertex, self.n_continuous, self.epoch,
+                            self.continuous)
+        t = {k: torch.from_numpy(r[k]) for k in ("uv", "target", "avg")}
+        return [{"uv": t["uv"][b], "target": t["target"][b], "avg": t["avg"][b],
+                 "index": torch.tensor(int(i))} for b, i in enumerate(indices)]
+
+    def epoch_order(self, epoch: int, seed: int = 0, shuffle: bool = True) -> np.ndarray:
+        """(S,) the face order of an epoch: a permutation seeded by ``(seed, epoch)``."""
+        return (np.random.default_rng([int(seed), int(epoch)]).permutation(self.n_samples)
+                if shuffle else np.arange(self.n_samples))
+
+    def loader(self, batch_faces: int, epoch: int = 0, seed: int = 0, num_workers: int = 0,
+               shuffle: bool = True, drop_last: bool = False, **kwargs) -> DataLoader:
+        """A ``DataLoader`` whose items are whole batches (the :meth:`batches` of ``epoch``),
+        each read in one :meth:`SampleCache.read` by a worker: no per-face reads, no collation."""
+        return DataLoader(_EpochBatches(self, batch_faces, epoch, seed, shuffle, drop_last),
+                          batch_size=None, shuffle=False, num_workers=num_workers, **kwargs)
+
     def batches(self, batch_faces: int, epoch: int = 0, seed: int = 0, shuffle: bool = True,
                 drop_last: bool = False) -> Iterator[dict]:
         """One epoch of batches: dicts of ``uv`` (B, n, 2), ``target`` (B, n, 3), ``avg``
         (B, n, 3) float32 tensors and ``index`` (B,) int64. Faces are permuted with a
         generator seeded by ``(seed, epoch)``; points are the epoch's slice of each stored
         order (``offset=epoch``)."""
-        if batch_faces < 1:
-            raise ValueError(f"batch_faces must be >= 1, got {batch_faces}")
-        order = (np.random.default_rng([int(seed), int(epoch)]).permutation(self.n_samples)
-                 if shuffle else np.arange(self.n_samples))
-        stop = (self.n_samples // batch_faces) * batch_faces if drop_last else self.n_samples
-        for a in range(0, stop, batch_faces):
-            r = self.cache.read(order[a:a + batch_faces], self.n_vertex, self.n_continuous, epoch,
-                                self.continuous)
-            yield {k: torch.from_numpy(v) for k, v in r.items()}
+        for faces in _batch_split(self.epoch_order(epoch, seed, shuffle), batch_faces, drop_last):
+            yield self.read_batch(faces, epoch)
+
+    def read_batch(self, faces, epoch: int = 0) -> dict:
+        """Faces ``faces`` (B,) at offset ``epoch`` as tensors (uv, target, avg, index)."""
+        r = self.cache.read(faces, self.n_vertex, self.n_continuous, epoch, self.continuous)
+        return {k: torch.from_numpy(v) for k, v in r.items()}
+
+
+def _batch_split(order: np.ndarray, batch_faces: int, drop_last: bool) -> list[np.ndarray]:
+    if batch_faces < 1:
+        raise ValueError(f"batch_faces must be >= 1, got {batch_faces}")
+    stop = (len(order) // batch_faces) * batch_faces if drop_last else len(order)
+    return [order[a:a + batch_faces] for a in range(0, stop, batch_faces)]
+
+
+class _EpochBatches(Dataset):
+    """Item k = batch k of one epoch of a :class:`FaceBatchDataset` (for ``loader``)."""
+
+    def __init__(self, ds: FaceBatchDataset, batch_faces: int, epoch: int, seed: int, shuffle: bool,
+                 drop_last: bool):
+        self.ds, self.epoch = ds, int(epoch)
+        self.faces = _batch_split(ds.epoch_order(epoch, seed, shuffle), batch_faces, drop_last)
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def __getitem__(self, k: int) -> dict:
+        return self.ds.read_batch(self.faces[k], self.epoch)
 

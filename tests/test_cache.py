@@ -331,3 +331,14 @@ def test_overwritten_bytes_never_read_silently(built, tmp_path):
             with SampleCache(p) as c:
                 c.read(np.arange(c.n_samples), c.n_vertices, c.n_continuous)
                 c.verify()
+
+
+def test_batch_loader_with_workers_equals_batches(built):
+    d, t, out = built
+    ds = FaceBatchDataset(out["train"].path, 10, 12)
+    ref = list(ds.batches(4, epoch=3, seed=1))
+    got = list(ds.loader(4, epoch=3, seed=1, num_workers=2))
+    assert len(got) == len(ref) == 3
+    for a, b in zip(got, ref):
+        for k in ("uv", "target", "avg", "index"):
+            assert torch.equal(a[k], b[k])
