@@ -1,8 +1,6 @@
 """cm3dmm.cache: the HDF5 sample cache, its integrity checks and its torch datasets."""
 
 import shutil
-import sys
-import types
 from dataclasses import dataclass
 
 import h5py
@@ -288,22 +286,25 @@ def test_fast_batches_cover_each_face_once_per_epoch(built):
     assert [len(x["index"]) for x in ds.batches(4, drop_last=True)] == [4, 4]
 
 
-def test_run_cache_checks_the_template_source(tmp_path, monkeypatch):
+def test_run_cache_checks_the_template_source(tmp_path):
+    from cm3dmm.template import load_template, run_template
+
     data = make_registered(n_subjects=3, n_expr=2, grid=5)
-    cfg = config_from_dict({"run": "r", "results": str(tmp_path), "cache": {"n_continuous": 20, "n_heldout": 5}})
+    cfg = config_from_dict({"run": "r", "results": str(tmp_path), "template": {"levels": 1, "mask_resolution": 16},
+                            "cache": {"n_continuous": 20, "n_heldout": 5}})
     paths = RunPaths.of(cfg.run_dir)
     write_registered(paths.registered, data)
-    template = _template(data)
-    fake = types.ModuleType("cm3dmm.template")
-    fake.load_template = lambda path: template
-    monkeypatch.setitem(sys.modules, "cm3dmm.template", fake)
+    run_template(cfg)
+    template = load_template(paths.template)
     summaries = run_cache(cfg)
     assert [s.split for s in summaries] == ["train", "test"]
     for split in ("train", "test"):
         with SampleCache(paths.cache(split), template_hash=template.hash,
                          registered_hash=data.content_hash()) as c:
             assert c.n_samples == len(data.indices(split))
-    template.source_hash = "0123456789abcdef"
+            np.testing.assert_array_equal(c.template_uv, template.uv)
+    # registered data rewritten after the template was built: refuse
+    write_registered(paths.registered, make_registered(n_subjects=3, n_expr=2, grid=5, seed=1))
     with pytest.raises(InputError, match="template was built from other registered data"):
         run_cache(cfg)
 
