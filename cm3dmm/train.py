@@ -589,6 +589,8 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
                     log.info("step %d: distance %.4f mm, validation %.4f mm", done, row["distance"],
                              row["val_mm"])
                 rows.append(row)
+                if validate and dist.main:
+                    _write_log(paths.train_log(method), rows)  # progressively, at every validation
                 if bar is not None:
                     bar.set_postfix(dist=f"{row['distance']:.3f}",
                                     val="" if row["val_mm"] is None else f"{row['val_mm']:.3f}")
