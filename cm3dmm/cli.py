@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON file of landmark name -> xyz for each scan (optional)")
     p.add_argument("--units", dest="x_units", default=None, help="units of --scan: mm | cm | m | auto")
     p.add_argument("--out", dest="x_out", default=None, help="output .npz (+ .json, meshes beside)")
+    p = add("train-upsampling", "train the continuous model on a fraction of the template's vertices "
+            "(semantic-upsampling experiment) -> models/cm3dmm_frac{F}/model.pt", "subset", "run_train_upsampling")
+    p.add_argument("--fraction", dest="x_fraction", required=True, help="fraction of vertices kept, in (0, 1]")
     add("evaluate", "metrics + tables -> tables/", "evaluate", "run_evaluate")
     add("figures", "figures -> figures/", "figures", "run_figures")
     return parser

@@ -5,7 +5,7 @@
     results/{run}/cache/{split}.h5
     results/{run}/models/{method}/model.pt, train_log.csv, loss.png, checkpoints/
     results/{run}/fits/{method}/{subject}.npz, {subject}.json, {subject}.png
-    results/{run}/tables/*.csv|md|tex, protocol.md
+    results/{run}/tables/*.csv|md|tex|html, protocol.md, protocol.html
     results/{run}/figures/*.png
 """
 
@@ -14,6 +14,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+#: Tables of the evaluate stage (each as .csv, .md, .tex and .html in tables/)
+TABLES = ("reconstruction", "regions", "pca_sweep", "upsampling", "timing")
+#: Extensions of every table
+TABLE_FORMATS = ("csv", "md", "tex", "html")
+#: Figures of the figures stage (figures/{name}.png)
+FIGURES = ("multires", "interp_identity", "interp_expression", "random_faces", "error_maps", "loss_curves",
+           "pca_sweep", "upsampling")
 
 
 @dataclass(frozen=True)
@@ -107,3 +115,13 @@ class RunPaths:
     @property
     def figures_dir(self) -> Path:
         return self.root / "figures"
+
+    def table(self, name: str, fmt: str = "csv") -> Path:
+        return self.tables_dir / f"{name}.{fmt}"
+
+    @property
+    def protocol(self) -> Path:
+        return self.tables_dir / "protocol.md"
+
+    def figure(self, name: str) -> Path:
+        return self.figures_dir / f"{name}.png"

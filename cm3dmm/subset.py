@@ -1,0 +1,262 @@
+"""Coarse vertex subsets of the template, for the semantic-upsampling experiment.
+
+The experiment (``tables/upsampling``): every method sees only a fraction ``f`` of the template's
+vertices — in training and in fitting — and is evaluated at *every* vertex, so the other
+``(1 - f) V`` vertices play the role of the denser points the paper's semantic upsampling
+produces (points nobody registered), with ground truth.
+
+The coarse mesh (:func:`make_coarse`):
+
+1. ``K = max(3, ceil(f V))`` vertices chosen by farthest-point sampling on the template's
+   mean face (3-D Euclidean distances, deterministic, starting at the vertex nearest the centroid
+   of the mean face); ``f = 1`` keeps every vertex and the template's own triangles;
+2. triangulated by a Delaunay triangulation of their template UVs, keeping the triangles whose
+   UV centroid lies on the template's UV chart (so no triangle spans a concave part of the chart
+   or a hole);
+3. every template vertex is located on this coarse mesh in UV (triangle + barycentrics; a vertex
+   outside the coarse triangles takes the nearest point of its boundary, the template's rule).
+
+The continuous model of fraction ``f`` (:func:`run_train_upsampling`, ``models/cm3dmm_frac{f}/``)
+is trained with the coarse mesh as its template — so its average face ``avg(uv)`` is the coarse
+mean interpolated in the coarse triangles, exactly what the baselines interpolate — on vertex
+samples of the kept vertices only (no continuous surface samples: they would reveal the unseen
+geometry). Its validation error is measured at the same kept vertices of the training faces (the
+unseen vertices are never looked at before evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cm3dmm.errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Coarse", "farthest_point_sample", "make_coarse", "fraction_tag", "fraction_method",
+           "VertexSubsetCache", "run_train_upsampling"]
+
+
+def fraction_tag(fraction: float) -> str:
+    """The text form of a fraction used in file names: ``0.25 -> "0.25"``, ``1.0 -> "1"``."""
+    return f"{float(fraction):g}"
+
+
+def fraction_method(fraction: float) -> str:
+    """Model folder name of the upsampling model of ``fraction``: ``cm3dmm_frac0.25``."""
+    return f"cm3dmm_frac{fraction_tag(fraction)}"
+
+
+def farthest_point_sample(points: np.ndarray, k: int, start: int | None = None) -> np.ndarray:
+    """Greedy farthest-point sampling. points (V, D), k <= V -> (k,) int64 indices (first = start).
+
+    ``start`` defaults to the point nearest the centroid. Ties go to the lowest index.
+    """
+    p = np.asarray(points, np.float64)
+    if p.ndim != 2 or len(p) == 0:
+        raise ValueError(f"points must have shape (V, D), got {p.shape}")
+    n = len(p)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n}, got {k}")
+    if start is None:
+        start = int(np.argmin(np.linalg.norm(p - p.mean(0), axis=1)))
+    out = np.empty(k, np.int64)
+    out[0] = start
+    d = np.linalg.norm(p - p[start], axis=1)
+    for i in range(1, k):
+        nxt = int(np.argmax(d))
+        out[i] = nxt
+        d = np.minimum(d, np.linalg.norm(p - p[nxt], axis=1))
+    return out
+
+
+@dataclass
+class Coarse:
+    """A coarse vertex subset of a template and where every template vertex lies on it."""
+
+    fraction: float
+    kept: np.ndarray  #: (K,) int64 template vertex ids, sorted
+    faces: np.ndarray  #: (G, 3) int32 coarse triangles (indices into ``kept``)
+    tri: np.ndarray  #: (V,) int64 coarse triangle of each template vertex
+    bary: np.ndarray  #: (V, 3) float64 its barycentrics (non-negative, sum 1)
+    inside: np.ndarray  #: (V,) bool: inside a coarse triangle (False: nearest boundary point)
+    template: object  #: :class:`cm3dmm.template.Template` over the K kept vertices
+
+    @property
+    def n_kept(self) -> int:
+        return int(len(self.kept))
+
+    @property
+    def unseen(self) -> np.ndarray:
+        """(V,) bool: template vertices not in the subset."""
+        m = np.ones(len(self.tri), bool)
+        m[self.kept] = False
+        return m
+
+    def interpolate(self, coarse_values: np.ndarray) -> np.ndarray:
+        """Values at the kept vertices (..., K, C) -> at every template vertex (..., V, C)."""
+        c = np.asarray(coarse_values)
+        corners = c[..., self.faces[self.tri], :]  # (..., V, 3, C)
+        return np.einsum("...vkc,vk->...vc", corners, self.bary)
+
+
+def _boundary_vertices(faces: np.ndarray) -> np.ndarray:
+    """Vertices on edges used by exactly one triangle (unordered, sorted)."""
+    f = np.asarray(faces, np.int64)
+    e = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
+    uniq, count = np.unique(e, axis=0, return_counts=True)
+    return np.unique(uniq[count == 1].ravel()).astype(np.int64)
+
+
+def make_coarse(template, fraction: float) -> Coarse:
+    """The coarse subset of ``template`` keeping ``fraction`` of its vertices (module docstring)."""
+    from scipy.spatial import Delaunay
+
+    from cm3dmm.template import Template
+    from cm3dmm.upsample import subdivide
+    from cm3dmm.uv import UVLocator
+
+    if not 0 < fraction <= 1:
+        raise InputError(f"evaluate.upsampling_fractions: {fraction} is not in (0, 1]")
+    mean = np.asarray(template.mean, np.float64)
+    uv = np.asarray(template.uv, np.float64)
+    V = len(mean)
+    k = V if fraction >= 1 else max(3, int(math.ceil(fraction * V)))
+    if k >= V:
+        kept = np.arange(V, dtype=np.int64)
+        faces = np.asarray(template.faces, np.int32)
+    else:
+        kept = np.sort(farthest_point_sample(mean, k))
+        tri = Delaunay(uv[kept]).simplices.astype(np.int64)
+        centroid = uv[kept][tri].mean(axis=1)
+        _, _, on_chart = template.locator.locate(centroid)
+        faces = tri[on_chart]
+        # counter-clockwise in UV, like the template's own triangles
+        a, b, c = (uv[kept][faces[:, i]] for i in range(3))
+        area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+        ref = _orientation(template)
+        flip = np.sign(area) != ref
+        faces[flip] = faces[flip][:, [0, 2, 1]]
+        faces = faces.astype(np.int32)
+        if len(faces) == 0:
+            raise InputError(f"the vertex fraction {fraction} leaves no coarse triangle on the face")
+    loc = UVLocator(uv[kept], faces)
+    ctri, cbary, inside = loc.locate(uv)
+    cuv = uv[kept].astype(np.float32)
+    regions = np.asarray(template.regions)[kept]
+    sub = Template(
+        mean=mean[kept].astype(np.float32), faces=faces, uv=cuv, boundary=_boundary_vertices(faces),
+        mask=np.asarray(template.mask), levels=[subdivide(faces, len(kept), 0, cuv)],
+        regions=regions, region_names=list(template.region_names),
+        landmarks={},
+        source_hash=str(getattr(template, "source_hash", "")),
+        unwrap_method=f"subset:{fraction_tag(fraction)}",
+    )
+    sub.__dict__["locator"] = loc
+    sub.hash = sub.compute_hash()
+    return Coarse(fraction=float(fraction), kept=kept, faces=faces, tri=ctri, bary=cbary, inside=inside,
+                  template=sub)
+
+
+def _orientation(template) -> float:
+    """+1 when the template's triangles are counter-clockwise in UV (the majority), else -1."""
+    uv = np.asarray(template.uv, np.float64)
+    f = np.asarray(template.faces, np.int64)
+    a, b, c = uv[f[:, 0]], uv[f[:, 1]], uv[f[:, 2]]
+    area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
+    return 1.0 if (area > 0).sum() >= (area < 0).sum() else -1.0
+
+
+# --------------------------------------------------------------------------- training data
+class VertexSubsetCache:
+    """The training faces' kept vertices, with the interface :func:`cm3dmm.train.train` reads.
+
+    vertices: (S, V, 3) training faces (mm); coarse: the subset; subject / expression: (S,).
+    Each face has a fixed permutation of its K kept vertices (``default_rng([seed, face])``);
+    ``read(faces, n_vertex, n_continuous, offset)`` returns ``min(n_vertex, K)`` consecutive
+    entries of it from ``offset`` (wrapping around) and never a continuous sample;
+    ``heldout(faces)`` returns all K kept vertices (validation sees no unseen vertex).
+    """
+
+    def __init__(self, vertices: np.ndarray, coarse: Coarse, subject: list[str], expression: list[str],
+                 seed: int = 0, path: Path | None = None):
+        v = np.asarray(vertices, np.float32)
+        if v.ndim != 3 or len(v) != len(subject) or len(subject) != len(expression):
+            raise ValueError(f"vertices (S, V, 3) and S subjects / expressions expected, got {v.shape}, "
+                             f"{len(subject)}, {len(expression)}")
+        self.target = np.ascontiguousarray(v[:, coarse.kept])  # (S, K, 3)
+        self.uv = np.asarray(coarse.template.uv, np.float32)  # (K, 2)
+        self.avg = np.asarray(coarse.template.mean, np.float32)  # (K, 3)
+        self.subject = list(subject)
+        self.expression = list(expression)
+        self.path = path
+        k = len(coarse.kept)
+        self.order = np.stack([np.random.default_rng([int(seed), i]).permutation(k) for i in range(len(v))])
+        h = hashlib.sha256(self.target.tobytes())
+        h.update(self.uv.tobytes())
+        self.content_hash = h.hexdigest()[:16]
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.uv.shape[0])
+
+    def read(self, faces, n_vertex: int, n_continuous: int = 0, offset: int = 0) -> dict[str, np.ndarray]:
+        faces = np.asarray(faces, np.int64)
+        k = self.n_kept
+        n = min(int(n_vertex), k)
+        pos = (int(offset) + np.arange(n)) % k
+        idx = self.order[faces][:, pos]  # (B, n)
+        return {"uv": self.uv[idx], "target": self.target[faces[:, None], idx], "avg": self.avg[idx]}
+
+    def heldout(self, faces) -> dict[str, np.ndarray]:
+        faces = np.asarray(faces, np.int64)
+        b = len(faces)
+        return {"uv": np.broadcast_to(self.uv, (b,) + self.uv.shape).copy(), "target": self.target[faces],
+                "avg": np.broadcast_to(self.avg, (b,) + self.avg.shape).copy()}
+
+
+def upsampling_config(cfg):
+    """The training configuration of the upsampling models: ``cfg`` with ``train.steps`` =
+    ``evaluate.upsampling_steps`` (when > 0) and no continuous samples."""
+    steps = cfg.evaluate.upsampling_steps or cfg.train.steps
+    train = dataclasses.replace(cfg.train, steps=int(steps), continuous_points=0,
+                                checkpoint_every=min(cfg.train.checkpoint_every, int(steps)),
+                                validate_every=min(cfg.train.validate_every, int(steps)))
+    return dataclasses.replace(cfg, train=train)
+
+
+def run_train_upsampling(cfg, fraction: float | str):
+    """Stage entry (rule ``train_upsampling``): train the continuous model on ``fraction`` of the
+    template's vertices -> ``models/cm3dmm_frac{fraction}/model.pt`` (+ log, loss plot)."""
+    from cm3dmm.paths import RunPaths
+    from cm3dmm.registered import read_registered
+    from cm3dmm.template import load_template
+    from cm3dmm.train import train
+
+    try:
+        fraction = float(fraction)
+    except (TypeError, ValueError):
+        raise InputError(f"--fraction: expected a number in (0, 1], got {fraction!r}") from None
+    paths = RunPaths.of(cfg.run_dir)
+    template = load_template(paths.template)
+    data = read_registered(paths.registered, with_scans=False)
+    if data.n_vertices != template.n_vertices:
+        raise InputError(f"registered.h5 has {data.n_vertices} vertices, the template {template.n_vertices}: "
+                         "rerun the template stage", paths.template)
+    idx = data.indices("train")
+    if len(idx) == 0:
+        raise InputError("the train split is empty", paths.registered)
+    coarse = make_coarse(template, fraction)
+    cache = VertexSubsetCache(data.vertices[idx], coarse, [data.subject[i] for i in idx],
+                              [data.expression[i] for i in idx], seed=cfg.cache.seed, path=paths.registered)
+    ucfg = upsampling_config(cfg)
+    method = fraction_method(fraction)
+    log.info("upsampling model %s: %d of %d vertices, %d coarse triangles, %d steps", method, coarse.n_kept,
+             template.n_vertices, len(coarse.faces), ucfg.train.steps)
+    return train(ucfg, coarse.template, cache, paths, method)
