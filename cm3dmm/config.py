@@ -367,7 +367,11 @@ def parse_override(item: str) -> dict:
     if "=" not in item:
         raise InputError(f"override {item!r} is not of the form key.sub=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise InputError(f"override {item!r}: the value is not valid YAML "
+                         f"({str(exc).splitlines()[0]})") from None
     out: dict = {}
     cur = out
     parts = key.strip().split(".")

@@ -87,7 +87,12 @@ def _load_checked(cfg) -> tuple[RegisteredData, dict]:
     t = time.perf_counter()
     if files is not None:  # validate() below gives the same checks without file names
         check_samples(data, files, origin)
-    assign_split(data, cfg.data.split)
+    try:
+        assign_split(data, cfg.data.split)
+    except InputError as exc:  # name the source (e.g. the manifest whose split column is one-sided)
+        if exc.path is None:
+            raise InputError(exc.problem, origin) from None
+        raise
     summary = validate(data, origin)
     times["validate_s"] = time.perf_counter() - t
     v = data.vertices

@@ -411,6 +411,9 @@ def run_train(cfg: Config, method: str | None = None) -> TrainResult:
     cache = SampleCache(paths.cache("train"), template_hash=template.hash,
                         registered_hash=template.source_hash or None)
     try:
+        if getattr(cache, "split", "train") != "train":
+            raise InputError(f"is the cache of the {cache.split} split, not of the train split: rerun "
+                             "cache_samples", paths.cache("train"))
         return train(cfg, template, cache, paths, method)
     finally:
         close = getattr(cache, "close", None)

@@ -1,0 +1,126 @@
+"""The bad-input corpus (tests/corpus.py) through the CLI, as a subprocess: every case exits 2 with
+one line on stderr naming the file and the problem, no traceback, and leaves nothing that looks
+finished. One case also goes through Snakemake, where the rule must fail with the same line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import corpus
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+       "PYVISTA_OFF_SCREEN": "true"}
+
+
+#: Cases of the stages after prepare need a trained tiny run and a torch import per subprocess.
+CASES = [pytest.param(c, id=c.name, marks=() if c.stage == "prepare" else pytest.mark.slow)
+         for c in corpus.CASES]
+
+
+def _selected(session) -> list[corpus.Case]:
+    names = {item.callspec.params["case"].name for item in session.items
+             if getattr(item, "originalname", "") == "test_bad_input"}
+    names.add("garbage_obj")  # the Snakemake test reuses it
+    return [c for c in corpus.CASES if c.name in names]
+
+
+@pytest.fixture(scope="module")
+def base(request, tmp_path_factory):
+    full = any(c.stage != "prepare" for c in _selected(request.session))
+    return corpus.build_base(tmp_path_factory.mktemp("corpus-base"), full=full)
+
+
+@pytest.fixture(scope="module")
+def results(request, base, tmp_path_factory):
+    """The selected cases set up and run (the CLI subprocesses run side by side: most of their time
+    is importing torch). name -> (Outcome, CompletedProcess) or the exception of its setup."""
+    root = tmp_path_factory.mktemp("corpus-cases")
+    cases = _selected(request.session)
+
+    def one(case):
+        try:
+            folder = root / case.name
+            oc = case.setup(corpus.CaseDir(base, folder))
+            return oc, run_cli(oc.argv, folder)
+        except Exception as exc:  # reported by the case's own test
+            return exc
+
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        return dict(zip([c.name for c in cases], pool.map(one, cases)))
+
+
+def run_cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cm3dmm", *argv], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def stray_temp_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob(".tmp-*")) if Path(folder).exists() else []
+
+
+def check_outcome(case: corpus.Case, oc: corpus.Outcome, proc: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1, proc.stderr
+    line = lines[0]
+    assert line.startswith(f"cm3dmm {case.stage}: error: "), line
+    named = str(oc.names)
+    assert named in line or os.path.basename(named) in line, f"{line!r} does not name {named}"
+    for frag in case.expect:
+        assert frag.lower() in line.lower(), f"{line!r} lacks {frag!r}"
+    left = [p for p in oc.outputs if p.exists()]
+    assert not left, f"outputs left after the failure: {left}"
+    assert not stray_temp_files(oc.run_dir), stray_temp_files(oc.run_dir)
+    return line
+
+
+def test_corpus_is_large_and_covers_every_stage():
+    names = [c.name for c in corpus.CASES]
+    assert len(names) == len(set(names)) and len(names) >= 30
+    assert {c.stage for c in corpus.CASES} >= {"prepare", "template", "cache", "train", "fit", "evaluate"}
+
+
+def test_docs_list_every_case():
+    doc = (corpus.REPO / "docs" / "bad-input.md").read_text()
+    missing = [c.name for c in corpus.CASES if f"`{c.name}`" not in doc]
+    assert not missing, f"docs/bad-input.md lacks {missing} (python tests/corpus.py prints the table)"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input(case, results):
+    res = results[case.name]
+    if isinstance(res, Exception):
+        raise res
+    check_outcome(case, *res)
+
+
+@pytest.mark.slow
+def test_rule_fails_with_the_same_line(results, tmp_path):
+    """``garbage_obj`` through Snakemake: the prepare_data rule fails with the CLI's line."""
+    case = corpus.cases_by_name()["garbage_obj"]
+    oc, proc = results[case.name]
+    line = check_outcome(case, oc, proc)
+    for p in oc.run_dir.rglob("*"):  # the CLI run left nothing; start the workflow from scratch anyway
+        assert p.is_dir()
+    work = tmp_path / "wf"
+    (work / "config").mkdir(parents=True)
+    shutil.copy(corpus.REPO / "config" / "config.yaml", work / "config" / "config.yaml")
+    cfg = Path(oc.argv[oc.argv.index("--config") + 1])
+    snake = Path(sys.executable).with_name("snakemake")
+    proc = subprocess.run([str(snake), "--snakefile", str(corpus.REPO / "Snakefile"), "--directory", str(work),
+                           "--configfile", str(cfg), "--cores", "1", "--nolock", str(oc.outputs[0])],
+                          cwd=work, env=ENV, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert line in out.splitlines(), out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert not [p for p in oc.outputs if p.exists()]
+    assert not stray_temp_files(oc.run_dir)
