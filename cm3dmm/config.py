@@ -166,6 +166,7 @@ class FitConfig:
     units: str = "auto"  #: units of user scans: mm | cm | m | auto (the unit that makes it face-sized)
     scale: bool = False  #: estimate a scale in the rigid alignment of scans (else rigid only)
     scan_points: int = 20000  #: scan points used for scan->model correspondences (random subset; 0 = all)
+    loss: str = "distance"  #: distance (mean point distance, the release's loss and the error metric) | squared
 
 
 @dataclass
@@ -222,6 +223,7 @@ _CHOICES = {
     "fit.mode": ("per-subject", "per-face"),
     "fit.optimizer": ("lm", "lbfgs", "adam"),
     "fit.units": ("mm", "cm", "m", "auto"),
+    "fit.loss": ("distance", "squared"),
 }
 _POSITIVE = {
     "data.anny.n_subjects", "data.ict.n_subjects", "data.ict.n_components", "template.mask_resolution",

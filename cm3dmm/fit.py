@@ -58,6 +58,8 @@ RELEASE_LR = 3e-3
 RELEASE_ITERS = 1000
 #: unit name -> factor to millimetres
 UNIT_FACTORS = {"mm": 1.0, "cm": 10.0, "m": 1000.0}
+#: mm: the "distance" loss is sqrt(|r|^2 + ROBUST_DELTA^2) - ROBUST_DELTA per point (smooth |r|)
+ROBUST_DELTA = 0.05
 #: values of Jacobian held at once (faces are processed in chunks below this)
 JACOBIAN_BUDGET = 30_000_000
 #: scans: weight of the point-to-point residual added to the point-to-plane one
@@ -213,8 +215,10 @@ class SolveInfo:
 class _Problem:
     """The objective for fixed targets: contexts made once, energies and normal equations."""
 
-    def __init__(self, model: FaceModel, targets: Targets, prior_weight: float, release: bool = False):
+    def __init__(self, model: FaceModel, targets: Targets, prior_weight: float, release: bool = False,
+                 delta: float | None = None):
         self.model = model
+        self.delta = delta  #: None: squared residuals; else the Charbonnier sqrt(|r|^2 + delta^2) - delta
         self.t = targets
         self.lam = float(prior_weight)
         vids = targets.vids.reshape(-1).numpy()
@@ -255,7 +259,10 @@ class _Problem:
         """(B,) weighted mean squared residual per face."""
         t = self.t if codes is None else self.targets_at(codes)
         r = _residuals(_predict(x, t, self.local), t).to(torch.float64)
-        return ((r * r).sum(-1) * t.weights).sum(1) / self.wsum
+        sq = (r * r).sum(-1)
+        if self.delta is not None:
+            sq = (sq + self.delta ** 2).sqrt() - self.delta
+        return (sq * t.weights).sum(1) / self.wsum
 
     def prior_energy(self, codes: Codes) -> tuple[torch.Tensor, torch.Tensor]:
         """Per identity row (I,) and per face (B,) prior energies (times prior_weight)."""
@@ -315,7 +322,10 @@ class _Problem:
             if part.normals is not None:
                 jn = (jp * part.normals.to(jp.dtype)[..., None]).sum(2, keepdim=True)  # (b, K, 1, D)
                 jp = torch.cat([jn, part.p2p * jp], 2)
-            sw = (part.weights / self.wsum[sl, None]).sqrt()  # (b, K)
+            w = part.weights / self.wsum[sl, None]
+            if self.delta is not None:  # IRLS weights of the Charbonnier (factor 1/2: see data_energy)
+                w = w / (2 * ((r * r).sum(-1) + self.delta ** 2).sqrt())
+            sw = w.sqrt()  # (b, K)
             jw = (jp * sw[..., None, None]).flatten(1, 2)  # (b, K*c, D)
             rw = (r * sw[..., None]).flatten(1, 2)  # (b, K*c)
             outs.append((jw.transpose(1, 2) @ jw, (jw.transpose(1, 2) @ rw[..., None])[..., 0], (rw * rw).sum(1)))
@@ -550,37 +560,52 @@ def solve_codes(model: FaceModel, targets: Targets, cfg, codes: Codes | None = N
         zi, ze = model.zero_codes(b) if cfg.optimizer == "adam" else model.mean_codes(b)
         codes = Codes(zi[:1].clone() if shared else zi, ze, shared)
     rng = np.random.default_rng(seed)
+    delta = ROBUST_DELTA if getattr(cfg, "loss", "squared") == "distance" else None
+
+    def _P(t):
+        return _Problem(model, t, cfg.prior_weight, delta=delta)
+
     if codes.rot is not None:  # joint codes + rigid motion (scans): always Levenberg-Marquardt
-        return solve_lm(_Problem(model, targets, cfg.prior_weight), codes, cfg.max_iter, cfg.tol)
+        return solve_lm(_P(targets), codes, cfg.max_iter, cfg.tol)
     if cfg.optimizer == "adam":
         return solve_adam(_Problem(model, targets, cfg.prior_weight, release=True), codes)
-    if model.structure == "linear":
-        prob = _Problem(model, targets, cfg.prior_weight)
-        return solve_lm(prob, codes, 2, tol=max(cfg.tol, 1e-12), damping=0.0)
-    if model.structure == "bilinear" and cfg.optimizer == "lm":
-        return solve_als(_Problem(model, targets, cfg.prior_weight), codes, cfg.max_iter, cfg.tol)
+    if model.structure in ("linear", "bilinear") and cfg.optimizer == "lm":
+        # least squares exactly (one normal-equation solve / alternating least squares) ...
+        sq = _Problem(model, targets, cfg.prior_weight)
+        if model.structure == "linear":
+            codes, info = solve_lm(sq, codes, 2, tol=max(cfg.tol, 1e-12), damping=0.0)
+        else:
+            codes, info = solve_als(sq, codes, cfg.max_iter, cfg.tol)
+        if delta is None:
+            return codes, info
+        # ... then the distance objective by IRLS-Levenberg-Marquardt from there
+        codes, info2 = solve_lm(_P(targets), codes, cfg.max_iter, cfg.tol)
+        info2.iterations += info.iterations
+        info2.jacobians += info.jacobians
+        info2.history = info.history + info2.history
+        return codes, info2
     if cfg.optimizer == "lbfgs":
-        return solve_lbfgs(_Problem(model, targets, cfg.prior_weight), codes, cfg.max_iter, cfg.tol)
+        return solve_lbfgs(_P(targets), codes, cfg.max_iter, cfg.tol)
     # lm on a subset, then polish on all points
     sub = targets.subset(int(getattr(cfg, "points", 0)), rng)
     info_all = SolveInfo()
     if sub is not targets:
-        codes, info_sub = solve_lm(_Problem(model, sub, cfg.prior_weight), codes, cfg.max_iter, cfg.tol)
+        codes, info_sub = solve_lm(_P(sub), codes, cfg.max_iter, cfg.tol)
         polish = int(getattr(cfg, "polish_iters", 2))
         if polish > 0:
-            codes, info_all = solve_lm(_Problem(model, targets, cfg.prior_weight), codes, polish, cfg.tol,
+            codes, info_all = solve_lm(_P(targets), codes, polish, cfg.tol,
                                        damping=1e-6)
             # the subset phase decides convergence; polishing is bounded by design
             info_all.status = info_sub.status
         else:
             info_all = info_sub
-            info_all.objective = _Problem(model, targets, cfg.prior_weight).energy(codes)
+            info_all.objective = _P(targets).energy(codes)
         info_all.iterations += info_sub.iterations
         info_all.jacobians += info_sub.jacobians
         info_all.evaluations += info_sub.evaluations
         info_all.history = info_sub.history + info_all.history
         return codes, info_all
-    return solve_lm(_Problem(model, targets, cfg.prior_weight), codes, cfg.max_iter, cfg.tol)
+    return solve_lm(_P(targets), codes, cfg.max_iter, cfg.tol)
 
 
 # ============================================================================ results
@@ -721,7 +746,12 @@ def _scan_targets(scan_pts: np.ndarray, full_pts: np.ndarray, scan: Scan, verts:
     """
     from cm3dmm.geometry import closest_points_on_mesh
 
-    proj = closest_points_on_mesh(scan_pts, verts, faces)
+    from scipy.spatial import cKDTree
+
+    # nearest-vertex distances bound the surface distances; far pairs are trimmed anyway
+    dv = cKDTree(verts).query(scan_pts)[0]
+    bound = max(float(np.quantile(dv, 1.0 - trim)) if trim > 0 else float(dv.max()), 1.0) * 1.5
+    proj = closest_points_on_mesh(scan_pts, verts, faces, max_distance=bound)
     tri_v = faces[proj.tri]  # (P, 3)
     vn = _vertex_normals(verts, faces)
     # projections onto the boundary of the model region: the scan extends beyond the model
@@ -740,7 +770,8 @@ def _scan_targets(scan_pts: np.ndarray, full_pts: np.ndarray, scan: Scan, verts:
     na /= np.maximum(np.linalg.norm(na, axis=1, keepdims=True), 1e-12)
     # model -> scan where the scan covers the model
     if scan.faces is not None:
-        back = closest_points_on_mesh(verts, full_pts, scan.faces)
+        back = closest_points_on_mesh(verts, full_pts, scan.faces,
+                                      max_distance=np.median(d[keep]) * 3.0 + 1.0 if keep.any() else None)
         bd, bq = back.dist, back.closest
         fn = _vertex_normals(full_pts, scan.faces)
         nb = np.einsum("pk,pkc->pc", back.bary, fn[scan.faces[back.tri]])
@@ -824,7 +855,7 @@ def fit_scans(model: FaceModel, scans: Sequence[Scan], cfg, seed: int = 0) -> Fi
     info_total = SolveInfo()
     stats = []
     inner = max(3, int(math.ceil(cfg.max_iter / max(cfg.scan_iters, 1))))
-    sub_cfg = _replace(cfg, max_iter=inner, points=0)
+    sub_cfg = _replace(cfg, max_iter=inner, points=0, loss="squared")  # trimming makes it robust
     for it in range(max(cfg.scan_iters, 1)):
         zf, zef = codes.per_face()
         verts = model.vertices(zf.to(model.dtype), zef.to(model.dtype))

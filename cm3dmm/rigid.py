@@ -138,10 +138,11 @@ class _Reference:
             return d, self.vertices[j]
         from cm3dmm.geometry import closest_points_on_mesh
 
-        # a point's surface distance is at most its nearest-vertex distance: bound the search
-        proj = closest_points_on_mesh(points, self.vertices, self.faces,
-                                      max_distance=max_distance if max_distance is not None else None)
-        return proj.dist, proj.closest
+        proj = closest_points_on_mesh(points, self.vertices, self.faces, max_distance=max_distance)
+        # points beyond max_distance only have an upper bound: keep the nearer nearest-vertex pair
+        far = proj.dist > d
+        closest = np.where(far[:, None], self.vertices[j], proj.closest)
+        return np.minimum(proj.dist, d), closest
 
 
 def trimmed_icp(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray | None,
@@ -170,7 +171,9 @@ def trimmed_icp(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray | No
     it = 0
     for it in range(1, max_iter + 1):
         moved = cur.apply(pts)
-        dist, closest = ref.closest(moved)
+        # beyond a few times the current error a pair is trimmed anyway: bound the exact search
+        bound = None if not np.isfinite(prev) else max(4.0 * prev, 2.0)
+        dist, closest = ref.closest(moved, bound)
         order = np.argsort(dist)[:keep_n]
         if max_distance is not None:
             order = order[dist[order] <= max_distance]

@@ -189,7 +189,7 @@ def test_pca_fit_equals_normal_equations():
     fm = PCAFace(tpl.mean, basis, std, tpl.faces)
     targets = tpl.mean + rng.normal(0, 2.0, (2, v, 3))
     lam = 0.05
-    res = fit_registered(fm, targets, FitConfig(prior_weight=lam))
+    res = fit_registered(fm, targets, FitConfig(prior_weight=lam, loss="squared"))
     assert not res.shared_identity and res.z_exp.shape == (2, 0)
     # normal equations of (1/V)|B z - (t - m)|^2 + lam |z / std|^2
     a = basis.reshape(d, -1).T
