@@ -185,6 +185,32 @@ def _fit_faces(fm, faces: FaceSet, fit_cfg, vertex_ids: np.ndarray | None = None
     return zi, ze, verts, secs
 
 
+def fit_pca_closed(pca, targets: np.ndarray, prior_weight: float) -> np.ndarray:
+    """The fit stage's PCA fit in closed form: fitted vertices (B, V, 3) of targets (B, V, 3).
+
+    The fitter minimises ``mean_v |x_v - t_v|^2 + prior_weight * |c / std|^2`` per face; times V this
+    is ``PCAModel.fit``'s ridge objective with ``reg = prior_weight * V``, and with orthonormal
+    components its normal equations are diagonal: ``c_k = <t - mean, phi_k> / (1 + reg / std_k^2)``.
+    """
+    t = np.asarray(targets, np.float64)
+    reg = float(prior_weight) * t.shape[1]
+    comps = pca.components.reshape(pca.dim, -1)
+    proj = (t - pca.mean).reshape(len(t), -1) @ comps.T
+    return pca.decode(proj / (1.0 + reg / np.maximum(pca.std, 1e-12) ** 2))
+
+
+def _fit_pca(pca, faces: FaceSet, fit_cfg, template, vertex_ids: np.ndarray | None = None) -> np.ndarray:
+    """Fitted vertices (B, M, 3) of a :class:`~cm3dmm.baselines.PCAModel` over M vertices: the closed
+    form when the fit stage's loss is the squared distance, else the fitter itself."""
+    t = faces.vertices if vertex_ids is None else faces.vertices[:, vertex_ids]
+    if getattr(fit_cfg, "loss", "squared") == "squared":
+        return fit_pca_closed(pca, t, fit_cfg.prior_weight)
+    from cm3dmm.methods import baseline_face
+
+    sub = FaceSet(faces.subject, faces.expression, t)
+    return _fit_faces(baseline_face(pca, template), sub, fit_cfg)[2]
+
+
 def _mesh_at(fm, zi: np.ndarray, ze: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
     """Meshes of codes at an upsampling level: (B, P, 3), (G, 3)."""
     v, f = fm.mesh(torch.as_tensor(zi, dtype=fm.dtype), torch.as_tensor(ze, dtype=fm.dtype), level)
@@ -316,7 +342,6 @@ def _recon_row(split: str, method: str, dim: int, s: Scores, ctx: _Ctx, note: st
 def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The reconstruction, regions and pca_sweep tables."""
     from cm3dmm.baselines import fit_pca
-    from cm3dmm.methods import baseline_face
 
     ec, kw = ctx.ec, ctx.kw()
     rows, region_rows = [], []
@@ -369,7 +394,14 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
                                 COL_F.format(t=ec.fscore_threshold): r.get("f", float("nan"))})
         # ---- training subset: representation power
         if ctx.train is not None:
-            zi_t, ze_t, pv, _ = _fit_faces(fm, ctx.train, ctx.cfg.fit)
+            if method == "pca":  # (no level meshes needed: piecewise linear)
+                from cm3dmm.baselines import load_baseline
+
+                base = load_baseline(ctx.paths.model("pca"))
+                zi_t = ze_t = None
+                pv = _fit_pca(base, ctx.train, ctx.cfg.fit, ctx.template)
+            else:
+                zi_t, ze_t, pv, _ = _fit_faces(fm, ctx.train, ctx.cfg.fit)
             st = score_faces(pv, ctx.train.vertices, ctx.faces, surface_idx=sidx_train, **kw)
             rows.append(_recon_row("train", method, dim, st, ctx, "fitted here",
                                    _level_chamfer(ctx, fm, method, zi_t, ze_t, ctx.train, sidx_train, st)))
@@ -379,13 +411,13 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
         extra = sorted({min(d, rank) for d in ctx.cfg.baselines.pca_dims if d >= 1} | {rank})
         extra = [d for d in extra if d != default_pca]
         for d in extra:
-            fm = baseline_face(full.truncate(d), ctx.template)
+            pca_d = full.truncate(d)
             note = "= rank of the training data" if d == rank else "fitted here"
             for split, fs in (("test", ctx.test), ("train", ctx.train)):
                 if fs is None:
                     continue
                 sidx = sidx_test if split == "test" else sidx_train
-                _, _, pv, _ = _fit_faces(fm, fs, ctx.cfg.fit)
+                pv = _fit_pca(pca_d, fs, ctx.cfg.fit, ctx.template)
                 sc = score_faces(pv, fs.vertices, ctx.faces, surface_idx=sidx, **kw)
                 lc = {lv: sc.chamfer for lv in ctx.levels if lv > 0}
                 rows.append(_recon_row(split, "pca", d, sc, ctx, note, lc))
@@ -472,13 +504,16 @@ def _upsampling(ctx: _Ctx, facts: dict) -> pd.DataFrame:
                 continue
             if method == "pca":
                 base = fit_pca(tv, coarse.faces, dim=default_pca)
+                cv = _fit_pca(base, test, ctx.cfg.fit, coarse.template, vertex_ids=kept)
+                dim = base.dim
             else:
                 base = fit_bilinear(tv, ctx.train_subject, ctx.train_expression, coarse.faces,
                                     ctx.cfg.baselines.bilinear_id, ctx.cfg.baselines.bilinear_exp)
-            bfm = baseline_face(base, coarse.template)
-            zi_b, ze_b = _fit_subset(bfm, test, kept, ctx.cfg.fit)
-            cv = bfm.vertices(torch.as_tensor(zi_b, dtype=bfm.dtype), torch.as_tensor(ze_b, dtype=bfm.dtype))
-            add(method, _dim(bfm), coarse.interpolate(cv), "barycentric on the coarse mesh")
+                bfm = baseline_face(base, coarse.template)
+                zi_b, ze_b = _fit_subset(bfm, test, kept, ctx.cfg.fit)
+                cv = bfm.vertices(torch.as_tensor(zi_b, dtype=bfm.dtype), torch.as_tensor(ze_b, dtype=bfm.dtype))
+                dim = _dim(bfm)
+            add(method, dim, coarse.interpolate(cv), "barycentric on the coarse mesh")
         # the best any coarse-mesh interpolation can do: the true kept vertices, interpolated
         add("coarse target", 0, coarse.interpolate(test.vertices[:, kept]), "oracle: true seen vertices")
     return pd.DataFrame(rows)
@@ -545,6 +580,8 @@ def _timing(ctx: _Ctx, facts: dict) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- protocol
 def _protocol(ctx: _Ctx, facts: dict) -> str:
+    from cm3dmm.baselines import RANK_TOL
+
     ec, fc = ctx.ec, ctx.cfg.fit
     rank, n_train = facts["rank"], facts["n_train_faces"]
     ev = facts["explained_variance_cumulative"]
@@ -566,7 +603,7 @@ def _protocol(ctx: _Ctx, facts: dict) -> str:
         f"(`evaluate.train_subjects` = {ec.train_subjects}): {trs}"
         + (f" ({ctx.train.n} faces)." if ctx.train is not None else "."),
         f"- **Rank of the training data**: the mean-centred training faces ({n_train} x {3 * ctx.data.n_vertices} "
-        f"coordinates) have numerical rank **{rank}** (singular values above 1e-9 of the largest). A PCA with "
+        f"coordinates) have numerical rank **{rank}** (singular values above {RANK_TOL:g} of the largest). A PCA with "
         f"{rank} components reproduces every training face exactly (up to the fit's prior); its training rows "
         "in `reconstruction` must show (near) zero error. Cumulative explained variance: "
         + ", ".join(f"{d} -> {ev[d - 1]:.4f}" for d in sorted({1, 2, 4, 8, 16, 32, 64, rank}) if d <= len(ev)) + ".",
@@ -575,8 +612,12 @@ def _protocol(ctx: _Ctx, facts: dict) -> str:
         f"- Test subjects: the `fit` stage's files `fits/{{method}}/{{subject}}.npz` (optimiser `{fc.optimizer}`, "
         f"mode `{fc.mode}`, max_iter {fc.max_iter}, prior_weight {fc.prior_weight:g}, points {fc.points}, "
         f"polish_iters {fc.polish_iters}), fitted to the registered test meshes (vertex correspondence).",
-        "- Training subset and PCA at sizes other than the trained model's: fitted here by the same function "
-        "(`cm3dmm.fit.fit_registered`) with the same settings, per subject (all its expressions at once).",
+        "- Training subset: fitted here by the same function (`cm3dmm.fit.fit_registered`) with the same "
+        "settings, per subject (all its expressions at once)"
+        + (". PCA fits made here (training subset, other sizes, upsampling) use the closed form of the same "
+           "objective (`fit_pca_closed`: the regularised normal equations, which the fitter solves exactly in "
+           "one step)." if getattr(fc, "loss", "squared") == "squared" else
+           f", objective `fit.loss = {getattr(fc, 'loss', '')}`."),
         "- PCA sizes other than the trained one are truncations of one exact PCA of all training faces "
         "(`cm3dmm.baselines.fit_pca`); a requested size above the rank is reported at the rank.",
         "",
@@ -604,8 +645,9 @@ def _protocol(ctx: _Ctx, facts: dict) -> str:
         "",
         "## PCA sweep (`pca_sweep`)",
         f"- Sizes 1..{rank} (every size up to {SWEEP_ALL_UP_TO}, log-spaced above), mean vertex error of the "
-        f"regularised least-squares fit (weight prior_weight x V = {fc.prior_weight:g} x {ctx.data.n_vertices}, "
-        "the fit stage's objective, closed form), on the test faces and the training subset; the last column "
+        f"regularised least-squares fit (closed form; squared distances plus prior_weight x V = "
+        f"{fc.prior_weight:g} x {ctx.data.n_vertices} times the code prior, i.e. the fit stage's objective "
+        "with `fit.loss = squared`), on the test faces and the training subset; the last column "
         "without the prior (plain least squares: exactly 0 at the rank on training faces).",
         "",
         "## Semantic upsampling (`upsampling`)",

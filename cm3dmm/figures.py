@@ -149,6 +149,12 @@ def fig_multires(run: _Run, path: Path, max_level: int = 3) -> Path:
     focus = 0.5 * (np.asarray(a["nose_tip"]) + np.asarray(a["eye_L"]))
     ext = float((t.mean.max(0) - t.mean.min(0))[:2].max())
     half = 0.09 * ext
+    mean0 = np.asarray(t.mean, np.float64)
+    while half < ext:  # at least a few template triangles in the window (coarse templates)
+        inside = np.all(np.abs(mean0[:, :2] - focus[:2]) <= half, axis=1)
+        if inside[np.asarray(t.faces)].all(axis=1).sum() >= 12:
+            break
+        half *= 1.5
     top, bottom, labels_top, labels_bottom = [], [], [], []
     for lv in levels:
         v, f = fm.mesh(_torch(zi, fm), _torch(ze, fm), lv)

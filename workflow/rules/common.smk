@@ -41,4 +41,9 @@ def fit_outputs(wildcards=None):
 
 
 def final_outputs(wildcards=None):
-    return [str(P.tables_dir / "reconstruction.csv"), str(P.figures_dir / "done.txt")]
+    from cm3dmm.paths import FIGURES, TABLES
+
+    out = [str(P.table(name, "csv")) for name in TABLES]
+    if CFG.evaluate.figures:
+        out += [str(P.figure(name)) for name in FIGURES]
+    return out

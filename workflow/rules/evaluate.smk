@@ -1,25 +1,82 @@
+# Evaluation: the semantic-upsampling models, the tables (+ protocol) and the figures.
+#
+#   train_upsampling  the continuous model trained on a fraction of the template's vertices
+#                     (one job per evaluate.upsampling_fractions entry) -> models/cm3dmm_frac{f}/
+#   evaluate          every method's fits and models -> tables/*.csv|md|tex|html, protocol.md|html
+#   figures           rendered with cm3dmm.render -> figures/*.png
+#
+# Every table (as HTML), the protocol and every figure go into `snakemake --report`.
+from cm3dmm.paths import FIGURES, TABLES
+from cm3dmm.subset import fraction_method, fraction_tag
+
+UPSAMPLING_METHODS = [fraction_method(f) for f in CFG.evaluate.upsampling_fractions]
+UPSAMPLING_MODELS = [str(P.model(m)) for m in UPSAMPLING_METHODS]
+# captions: workflow/report/table_{name}.rst and fig_{name}.rst
+_TABLE_CATEGORY = "5. Tables"
+_FIGURE_CATEGORY = "6. Figures"
+
+
+rule train_upsampling:
+    input:
+        registered=str(P.registered),
+        template=str(P.template),
+    output:
+        model=str(P.model("cm3dmm_frac{frac}")),
+        log=str(P.train_log("cm3dmm_frac{frac}")),
+        loss=str(P.loss_png("cm3dmm_frac{frac}")),
+    wildcard_constraints:
+        frac=r"[0-9.]+",
+    params:
+        cfg=CFG_JSON,
+    threads: 1  # small models: several fractions (or the main training) run side by side
+    shell:
+        "{CLI} train-upsampling --config-json {params.cfg:q} --set train.threads={threads} "
+        "--fraction {wildcards.frac}"
+
+
+def _table_outputs():
+    out = {}
+    for name in TABLES:
+        for fmt in ("csv", "md", "tex"):
+            out[f"{name}_{fmt}"] = str(P.table(name, fmt))
+        out[f"{name}_html"] = report(str(P.table(name, "html")), category=_TABLE_CATEGORY,
+                                     caption=f"../report/table_{name}.rst", labels={"table": name})
+    out["protocol"] = str(P.protocol)
+    out["protocol_html"] = report(str(P.protocol.with_suffix(".html")), category=_TABLE_CATEGORY,
+                                  caption="../report/protocol.rst", labels={"table": "protocol"})
+    out["facts"] = str(P.tables_dir / "facts.json")
+    return out
+
+
 rule evaluate:
     input:
         fits=fit_outputs,
         models=[str(P.model(m)) for m in METHODS],
+        upsampling=UPSAMPLING_MODELS,
         registered=str(P.registered),
         template=str(P.template),
     output:
-        table=report(str(P.tables_dir / "reconstruction.csv"), category="5. Tables",
-                     caption="../report/reconstruction.rst"),
+        **_table_outputs(),
     params:
         cfg=CFG_JSON,
+    threads: workflow.cores
     shell:
-        "{CLI} evaluate --config-json {params.cfg:q}"
+        "{CLI} evaluate --config-json {params.cfg:q} --set train.threads={threads}"
 
 
 rule figures:
     input:
-        table=str(P.tables_dir / "reconstruction.csv"),
-        models=[str(P.model(m)) for m in METHODS],
+        tables=[str(P.table(name, "csv")) for name in TABLES],
+        fits=fit_outputs,
+        models=[str(P.model(m)) for m in METHODS] + UPSAMPLING_MODELS,
+        logs=[str(P.train_log(m)) for m in ["cm3dmm"] + UPSAMPLING_METHODS],
+        template=str(P.template),
     output:
-        done=str(P.figures_dir / "done.txt"),
+        **{name: report(str(P.figure(name)), category=_FIGURE_CATEGORY, caption=f"../report/fig_{name}.rst",
+                        labels={"figure": name})
+           for name in FIGURES},
     params:
         cfg=CFG_JSON,
+    threads: 1
     shell:
-        "{CLI} figures --config-json {params.cfg:q}"
+        "{CLI} figures --config-json {params.cfg:q} --set train.threads={threads}"
