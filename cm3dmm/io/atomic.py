@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +22,42 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+#: temporary names carry the writer: ``.tmp-{stem}-{host}.{pid}-{random}{suffix}``
+_HOST = socket.gethostname().replace("/", "_") or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike, suffix: str | None = None) -> list[Path]:
+    """Remove the temporary files of ``path`` left by writers that were killed (SIGKILL, power
+    loss: no chance to clean up). Only files of processes of this host that no longer exist are
+    removed; a temporary of a live writer, or of another host, is left alone. Returns the removed."""
+    path = Path(path)
+    suffix = path.suffix if suffix is None else suffix
+    prefix = f".tmp-{path.stem}-"
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.iterdir():
+        name = p.name
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        writer = name[len(prefix):len(name) - len(suffix)].rsplit("-", 1)[0]  # host.pid
+        host, _, pid = writer.rpartition(".")
+        if host != _HOST or not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 @contextlib.contextmanager
@@ -30,11 +67,15 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     The temporary file keeps the final suffix (so libraries that dispatch on the extension,
     e.g. matplotlib or h5py, behave) and starts with ``.tmp-`` so it is never mistaken for
     an output. On any exception the temporary file is removed and the exception re-raised.
+    Temporaries of ``path`` left by killed writers are removed first
+    (:func:`remove_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=suffix, dir=path.parent)
+    remove_stale_temporaries(path, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-{_HOST}.{os.getpid()}-", suffix=suffix,
+                               dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
