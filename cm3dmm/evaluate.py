@@ -220,8 +220,17 @@ def _mesh_at(fm, zi: np.ndarray, ze: np.ndarray, level: int) -> tuple[np.ndarray
 def _read_fit(path: Path) -> dict:
     if not path.exists():
         raise InputError("fit file not found (run the fit stage for every method and test subject)", path)
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except Exception as exc:  # truncated / not an npz (zipfile, ValueError, OSError, EOFError)
+        raise InputError(f"fit file is corrupt or truncated ({type(exc).__name__}): rerun the fit stage",
+                         path) from None
+    missing = [k for k in ("expressions", "vertices", "z_id", "z_exp", "seconds") if k not in out]
+    if missing:
+        raise InputError(f"not a fit file of the fit stage (lacks {', '.join(missing)}): rerun the fit stage",
+                         path)
+    return out
 
 
 # =========================================================================== PCA sweep
@@ -316,7 +325,7 @@ class _Ctx:
         from cm3dmm.methods import load_method
 
         if method not in self._models:
-            self._models[method] = load_method(self.paths.model(method), template=self.template)
+            self._models[method] = load_method(self.paths.model(method), template=self.template, expect=method)
         return self._models[method]
 
     def kw(self) -> dict:

@@ -1031,6 +1031,7 @@ def run_fit(cfg, method: str | None = None, subject: str | None = None, model: s
     from cm3dmm.paths import RunPaths
 
     fc = cfg.fit
+    expect = method or (None if model else "cm3dmm")  # --model alone: whatever method it holds
     method = method or "cm3dmm"
     paths = RunPaths.of(cfg.run_dir)
     torch.set_num_threads(max(1, int(getattr(cfg.train, "threads", 0) or torch.get_num_threads())))
@@ -1043,7 +1044,7 @@ def run_fit(cfg, method: str | None = None, subject: str | None = None, model: s
             template = load_template(paths.template)
         except ImportError:  # pragma: no cover - template module always present in releases
             template = None
-    fm = load_method(model_path, template=template)
+    fm = load_method(model_path, template=template, expect=expect)
     units = units or getattr(fc, "units", "auto")
     scan_list = list(scan or [])
     if scan_list:

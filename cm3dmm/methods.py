@@ -359,14 +359,17 @@ def _prior_from_extra(extra: dict, name: str, dim: int, fallback_std: float) -> 
     return CodePrior.standard(dim, fallback_std)
 
 
-def load_method(path: str | os.PathLike, template=None) -> FaceModel:
+def load_method(path: str | os.PathLike, template=None, expect: str | None = None) -> FaceModel:
     """Load any method's ``model.pt`` as a :class:`FaceModel` (dispatch on its method name).
 
     ``template``: a :class:`cm3dmm.template.Template` for the baselines' upsampling levels and
-    landmarks when their file does not carry them.
+    landmarks when their file does not carry them. ``expect``: the method the file must hold
+    (InputError otherwise, e.g. a PCA model copied into ``models/cm3dmm/``).
     """
     path = Path(path)
     method = read_method_name(path)
+    if expect is not None and method != expect:
+        raise InputError(f"holds a {method!r} model, expected {expect!r}", path)
     if method == "cm3dmm":
         from cm3dmm.model import load_model
 

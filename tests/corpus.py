@@ -582,6 +582,8 @@ def _evaluate_case(kind: str):
             truncate(names, 0.5)
         elif kind == "fit_missing":
             names.unlink()
+        elif kind == "fit_foreign":
+            np.savez(names, weights=np.zeros(3))
         elif kind == "model_other_method":
             names = c.run / "models" / "bilinear" / "model.pt"
             shutil.copy(c.run / "models" / "pca" / "model.pt", names)
@@ -728,6 +730,8 @@ CASES: list[Case] = [
          _evaluate_case("fit_truncated")),
     Case("fit_npz_missing", "evaluate", "a test subject's fit .npz is missing", ("not found",),
          _evaluate_case("fit_missing")),
+    Case("fit_npz_foreign", "evaluate", "an .npz of other arrays in place of a fit", ("lacks",),
+         _evaluate_case("fit_foreign")),
     Case("eval_model_other_method", "evaluate", "a PCA model.pt in models/bilinear/", ("pca",),
          _evaluate_case("model_other_method")),
     Case("eval_model_truncated", "evaluate", "models/bilinear/model.pt cut to 40%", ("corrupt",),
