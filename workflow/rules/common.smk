@@ -17,6 +17,9 @@ P = RunPaths.of(RUN)
 # the rules it reaches (Snakemake's params rerun trigger) and the CLI sees exactly this config.
 CFG_JSON = json.dumps(config_to_dict(CFG), sort_keys=True)
 CLI = "cm3dmm"
+# Threads of the rules that use the whole machine. Not `workflow.cores`: that raises when no
+# --cores is given, which breaks `snakemake --report` (it builds the DAG without cores).
+ALL_CORES = workflow.resource_settings.cores or 1
 BASELINES = list(CFG.baselines.methods)
 METHODS = ["cm3dmm"] + BASELINES
 

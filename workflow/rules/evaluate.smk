@@ -59,7 +59,7 @@ rule evaluate:
         **_table_outputs(),
     params:
         cfg=CFG_JSON,
-    threads: workflow.cores
+    threads: ALL_CORES
     shell:
         "{CLI} evaluate --config-json {params.cfg:q} --set train.threads={threads}"
 

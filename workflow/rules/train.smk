@@ -8,7 +8,7 @@ rule train:
         loss=report(str(P.loss_png("cm3dmm")), category="3. Training", caption="../report/loss.rst"),
     params:
         cfg=CFG_JSON,
-    threads: workflow.cores
+    threads: ALL_CORES
     shell:
         "{CLI} train --config-json {params.cfg:q} --set train.threads={threads}"
 
