@@ -157,11 +157,11 @@ class FitConfig:
     optimizer: str = "lm"  #: lm (Levenberg-Marquardt) | lbfgs | adam (release protocol)
     max_iter: int = 50
     tol: float = 1e-6  #: relative decrease of the objective that counts as converged
-    prior_weight: float = 1e-3
+    prior_weight: float = 1e-6  #: weight of the Gaussian code prior (per standardised code dimension)
     scan_iters: int = 5  #: alternations of rigid refinement and code fitting for raw scans
     trim: float = 0.1  #: fraction of worst correspondences ignored for partial scans
     level: int = 0  #: upsampling level of the written meshes
-    points: int = 2000  #: lm: target points per face of the first phase (random subset; 0 = all)
+    points: int = 1000  #: lm: target points per face of the first phase (random subset; 0 = all)
     polish_iters: int = 2  #: lm: iterations on all points after the subset phase
     units: str = "auto"  #: units of user scans: mm | cm | m | auto (the unit that makes it face-sized)
     scale: bool = False  #: estimate a scale in the rigid alignment of scans (else rigid only)
@@ -281,7 +281,10 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise InputError(f"{key}: the number is out of range (about 1e{value.bit_length() * 0.30103:.0f})") from None
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key.endswith("]"):
             return str(value)  # subject ids in lists may be written as numbers
@@ -329,7 +332,7 @@ def apply_preset(values: dict) -> dict:
         return values
     from cm3dmm.presets import PRESETS
 
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise InputError(f"train.preset: {preset!r} is not one of {sorted(PRESETS)}")
     return _deep_merge(PRESETS[preset], values)
 
@@ -352,9 +355,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not path.exists():
         raise InputError("config file not found", path)
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise InputError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
+    except UnicodeDecodeError:
+        raise InputError("not a text file (not UTF-8)", path) from None
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        raise InputError(f"holds a value that cannot be read ({str(exc)[:80]})", path) from None
+    except OSError as exc:
+        raise InputError(f"cannot read the config ({exc.strerror or exc})", path) from None
     if not isinstance(values, dict):
         raise InputError("the config must be a mapping of sections", path)
     for item in overrides or []:
@@ -371,9 +380,9 @@ def parse_override(item: str) -> dict:
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise InputError(f"override {item!r}: the value is not valid YAML "
-                         f"({str(exc).splitlines()[0]})") from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. beyond Python's int digit limit
+        raise InputError(f"override {item[:60]!r}: the value is not valid YAML "
+                         f"({str(exc).splitlines()[0][:80]})") from None
     out: dict = {}
     cur = out
     parts = key.strip().split(".")
