@@ -25,7 +25,11 @@ CPU = {
                     "finest_resolution": 128},
         "decoder": {"widths": [256, 128, 64]},
     },
-    "train": {"batch_faces": 8, "vertex_points": 2000, "continuous_points": 1000},
+    # many faces with few points per step: codes are visited often (auto-decoders converge per face
+    # visit); one identity code per subject; codes on a larger scale than the release's 0.01.
+    # Measured on the default anny run (benchmarks/README.md, "Training").
+    "train": {"batch_faces": 64, "vertex_points": 200, "continuous_points": 100, "lr": 3e-3,
+              "code_lr": 1e-2, "code_std": 0.3, "code_mode": "per-subject"},
 }
 
 PRESETS = {"paper": PAPER, "cpu": CPU}
