@@ -85,7 +85,7 @@ TINY = {
                           "finest_resolution": 16}},
     "train": {"preset": "cpu", "steps": 2, "batch_faces": 4, "vertex_points": 40, "continuous_points": 40,
               "checkpoint_every": 10, "validate_every": 10, "log_every": 5, "threads": 1, "lr": 1e-2,
-              "code_lr": 1e-2},
+              "code_lr": 1e-2, "code_mode": "per-face", "code_std": 0.01},
 }
 
 
