@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -182,12 +183,13 @@ class BaselineConfig:
 class EvaluateConfig:
     levels: list[int] = field(default_factory=lambda: [0, 1, 2])
     fscore_threshold: float = 1.0  #: mm
-    chamfer_points: int = 20000
+    chamfer_points: int = 10000  #: area-weighted surface samples per mesh for CD / NC / F
     upsampling_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.25, 1.0])
-    upsampling_steps: int = 0  #: training steps for the upsampling models (0 = train.steps)
+    upsampling_steps: int = 1000  #: training steps for the upsampling models (0 = train.steps)
+    upsampling_subjects: int = 4  #: test subjects of the upsampling experiment (spread evenly; 0 = all)
     figures: bool = True
-    train_subjects: int = 4  #: training subjects fitted for representation power (spread evenly; 0 = none)
-    surface_faces: int = 0  #: faces per method and split that get CD / NC / F (spread evenly; 0 = all)
+    train_subjects: int = 2  #: training subjects fitted for representation power (spread evenly; 0 = none)
+    surface_faces: int = 10  #: faces per method and split that get CD / NC / F (spread evenly; 0 = all)
     seed: int = 0  #: seed of the surface samples of the Chamfer-type metrics
     timing_repeats: int = 3  #: runs (after one warm-up) whose median is the mesh-generation time
 
@@ -238,7 +240,7 @@ _NONNEGATIVE = {
     "train.reg_weight", "train.prior_weight", "fit.prior_weight", "fit.tol", "fit.level",
     "fit.points", "fit.polish_iters", "fit.scan_points",
     "train.threads", "train.val_faces", "baselines.pca_dim", "evaluate.upsampling_steps", "data.preview_subjects",
-    "evaluate.train_subjects", "evaluate.surface_faces", "evaluate.timing_repeats",
+    "evaluate.train_subjects", "evaluate.surface_faces", "evaluate.timing_repeats", "evaluate.upsampling_subjects",
 }
 _FRACTIONS = {"data.split.test_fraction", "fit.trim", "data.anny.expression_variation",
               "data.ict.expression_variation"}
@@ -279,6 +281,11 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
             raise InputError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value) if math.isfinite(float(value)) else value
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"{key}: expected a number, got {value!r}")
         try:

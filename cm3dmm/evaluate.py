@@ -476,7 +476,9 @@ def _upsampling(ctx: _Ctx, facts: dict) -> pd.DataFrame:
     from cm3dmm.subset import fraction_method, fraction_tag, make_coarse
 
     ec, kw = ctx.ec, ctx.kw()
-    test = ctx.test
+    subjects = select_subjects(ctx.test_subjects, ec.upsampling_subjects)
+    test = FaceSet.of(ctx.data, subjects)
+    facts["upsampling_subjects"] = subjects
     sidx = surface_subset(test.n, ec.surface_faces)
     rows = []
     facts["upsampling"] = {}
@@ -660,6 +662,8 @@ def _protocol(ctx: _Ctx, facts: dict) -> str:
         "without the prior (plain least squares: exactly 0 at the rank on training faces).",
         "",
         "## Semantic upsampling (`upsampling`)",
+        f"- Test subjects: {', '.join(facts.get('upsampling_subjects', []))} (`evaluate.upsampling_subjects` = "
+        f"{ec.upsampling_subjects}; spread evenly, 0 = all), every expression.",
         "- For each fraction f in `evaluate.upsampling_fractions`: K = ceil(f V) template vertices chosen by "
         "farthest-point sampling on the mean face (3-D, starting at the vertex nearest its centroid), "
         "triangulated by a Delaunay triangulation of their UVs (triangles whose UV centroid lies off the "
