@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +163,8 @@ def score_faces(pred: np.ndarray, target: np.ndarray, faces: np.ndarray, *, n_po
 # =========================================================================== fitting helpers
 def _fit_faces(fm, faces: FaceSet, fit_cfg, vertex_ids: np.ndarray | None = None):
     """Fit every subject of ``faces`` (its expressions together, cfg.fit.mode) with the fitter of
-    the ``fit`` stage. vertex_ids: fit only these template vertices (targets (B, K, 3)).
+    the ``fit`` stage. vertex_ids: fit only these template vertices (the model then has as many
+    vertices as ``vertex_ids``).
 
     Returns (codes z_id (B, Di), z_exp (B, De), vertices (B, M, 3) at the fitted vertices, seconds).
     """
@@ -647,7 +647,7 @@ def _protocol(ctx: _Ctx, facts: dict) -> str:
         f"- Surface metrics (CD, NC, F) are computed on {sf.get('test', 0)} test faces and {sf.get('train', 0)} "
         f"training faces (`evaluate.surface_faces` = {ec.surface_faces}; 0 = every face; faces chosen evenly); "
         "vertex errors always on every face.",
-        f"- **CD Ll**: the continuous model decoded at the points of upsampling level l (each template "
+        "- **CD Ll**: the continuous model decoded at the points of upsampling level l (each template "
         "triangle split into 4^l, `template/template.npz`) against the registered target. Baselines are "
         "piecewise linear on the template triangles, so their level-l surface is their level-0 surface and "
         "their level-0 CD is repeated.",

@@ -176,7 +176,6 @@ def fig_multires(run: _Run, path: Path, max_level: int = 3) -> Path:
 
 def _strip_codes(run: _Run, method: str, kind: str):
     """Start and end codes ((z_id, z_exp), (z_id, z_exp)) of an interpolation strip."""
-    fm = run.models[method]
     if method == "cm3dmm":
         from cm3dmm.model import load_model
 
