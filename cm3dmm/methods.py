@@ -324,7 +324,22 @@ def read_method_name(path: str | os.PathLike) -> str:
     method = payload.get("method") if isinstance(payload, dict) else None
     if method not in METHODS:
         raise InputError(f"model file names method {method!r}, expected one of {list(METHODS)}", path)
+    bad = _non_finite(payload)
+    if bad:
+        raise InputError(f"model file holds NaN or infinite values (in {bad}): it is corrupt", path)
     return str(method)
+
+
+def _non_finite(obj, where: str = "") -> str | None:
+    """The key path of the first tensor with a NaN / inf value in a (nested) payload, else None."""
+    if isinstance(obj, torch.Tensor):
+        return where or "?" if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = _non_finite(v, f"{where}.{k}" if where else str(k))
+        if bad:
+            return bad
+    return None
 
 
 def _get(obj, *names, default=None):

@@ -7,6 +7,10 @@ import pytest
 
 os.environ.setdefault("PYVISTA_OFF_SCREEN", "true")
 
+# tests/fuzz (property-based fuzzing of the readers, `make fuzz`) is not part of the default run;
+# CM3DMM_FUZZ=1 adds it. (test_corpus.py runs a 50-example version of each reader's fuzz test.)
+collect_ignore = [] if os.environ.get("CM3DMM_FUZZ") else ["fuzz"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ICT = REPO.parent / "shared" / "data" / "ICT-FaceKit"
 

@@ -379,6 +379,34 @@ def _ply_binary_truncated(p: Path, c) -> Path:
     return ply
 
 
+def _replace_with(suffix: str, content: bytes | str):
+    """The mesh file replaced by another file (e.g. a .ply) with ``content``."""
+    def mutate(p: Path, c) -> Path:
+        new = p.with_suffix(suffix)
+        if new != p:
+            p.unlink()
+            _replace_in_manifest(c, p.name, new.name)
+        new.write_bytes(content.encode() if isinstance(content, str) else content)
+        return new
+    return mutate
+
+
+#: inputs on which the fuzz tests (tests/fuzz) found crashes, fixed since
+FUZZ_PLY_DUPLICATE = ("ply\nformat binary_little_endian 1.0\nelement vertex 0\nproperty char x\n"
+                      "property char x\nend_header\n")
+FUZZ_PLY_LIST_X = ("ply\nformat ascii 1.0\nelement vertex 1\nproperty float y\nproperty float z\n"
+                   "property list uchar char x\nend_header\n1.25 -1.3 0\n")
+FUZZ_PLY_HUGE_COUNT = "ply\nformat binary_little_endian 1.0\nelement vertex 9223372036854775808\nend_header\n"
+FUZZ_PLY_FLOAT_LIST_COUNT = (b"ply\nformat binary_little_endian 1.0\nelement vertex 0\nelement face 2\n"
+                             b"property list float int vertex_indices\nelement vertex 0\nend_header\n"
+                             b"\x00\x00\xa0@\x04\x00\x00\x00\x03\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00"
+                             b"\xfe\xff\xff\xff\x00\x00\x00\x00")
+FUZZ_PLY_NEGATIVE_LIST = (b"ply\nformat binary_little_endian 1.0\nelement vertex 3\nproperty float x\n"
+                          b"property float y\nproperty float z\nelement face 1\nproperty list char int "
+                          b"vertex_indices\nend_header\n" + bytes(36) + b"\xfe" + bytes(8))
+FUZZ_OBJ_HUGE_INDEX = "v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 9223372036854775809/\n"
+
+
 def _first_is_point_cloud(p: Path, c) -> Path:
     first = c.mesh("s000", "neutral")
     first.write_text("\n".join(ln for ln in first.read_text().splitlines() if not ln.startswith("f ")) + "\n")
@@ -525,6 +553,15 @@ def _fit_case(kind: str):
             method = "pca"
             model = c.run / "models" / "pca" / "model.pt"
             shutil.copy(c.base.alt_pca, model)
+        elif kind == "nan_weights":
+            import torch
+
+            payload = torch.load(model, weights_only=False)
+            w = payload["state_dict"]
+            k = next(k for k in w if k.endswith("bias"))
+            w[k] = w[k].clone()
+            w[k].view(-1)[0] = float("nan")
+            torch.save(payload, model)
         elif kind == "torch_other":
             import torch
 
@@ -601,12 +638,22 @@ def _config_case(edit: Callable[[dict], dict] | None = None, text: str | None = 
         c.copy_data()
         vals = c.values if edit is None else edit(json.loads(json.dumps(c.values)))
         path = c.config(vals, "bad.yaml")
-        if text is not None:
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        elif text is not None:
             path.write_text(text)
         out = c.prepare(path if names is None else names)
         out.argv = ["prepare", "--config", str(path)] + [a for s in sets for a in ("--set", s)]
         return out
     return setup
+
+
+def _config_folder(c: CaseDir) -> Outcome:
+    folder = c.dir / "configs.yaml"
+    folder.mkdir()
+    out = c.prepare(folder)
+    out.argv = ["prepare", "--config", str(folder)]
+    return out
 
 
 def _set(path: str, value):
@@ -649,6 +696,18 @@ CASES: list[Case] = [
          "body holds", ("more than the header declares",), _mesh_case(_ply_header_fewer)),
     Case("ply_binary_truncated", "prepare", "a binary PLY cut inside its face list", ("truncated",),
          _mesh_case(_ply_binary_truncated)),
+    Case("fuzz_obj_huge_index", "prepare", "(found by fuzzing) a face index beyond int64",
+         ("out of range",), _mesh_case(_replace_with(".obj", FUZZ_OBJ_HUGE_INDEX))),
+    Case("fuzz_ply_duplicate_property", "prepare", "(found by fuzzing) a PLY declaring property x twice",
+         ("declared twice",), _mesh_case(_replace_with(".ply", FUZZ_PLY_DUPLICATE))),
+    Case("fuzz_ply_list_coordinate", "prepare", "(found by fuzzing) a PLY whose x is a list property",
+         ("is a list",), _mesh_case(_replace_with(".ply", FUZZ_PLY_LIST_X))),
+    Case("fuzz_ply_huge_count", "prepare", "(found by fuzzing) a PLY declaring 2^63 vertices",
+         ("more than the file has bytes",), _mesh_case(_replace_with(".ply", FUZZ_PLY_HUGE_COUNT))),
+    Case("fuzz_ply_float_list_length", "prepare", "(found by fuzzing) a PLY list whose length type is float",
+         ("non-integer type",), _mesh_case(_replace_with(".ply", FUZZ_PLY_FLOAT_LIST_COUNT))),
+    Case("fuzz_ply_negative_list_length", "prepare", "(found by fuzzing) a binary PLY face of length -2",
+         ("negative length",), _mesh_case(_replace_with(".ply", FUZZ_PLY_NEGATIVE_LIST))),
     Case("first_mesh_point_cloud", "prepare", "the first listed mesh has no faces", ("no faces",),
          _mesh_case(_first_is_point_cloud)),
     Case("all_in_metres", "prepare", "every mesh in metres, units: mm", ("metres",),
@@ -708,6 +767,7 @@ CASES: list[Case] = [
          _fit_case("other_method")),
     Case("model_other_template", "fit", "a PCA model.pt built from another template (25 vertices)",
          ("25",), _fit_case("other_topology")),
+    Case("model_nan_weights", "fit", "a cm3dmm model.pt with a NaN weight", ("nan",), _fit_case("nan_weights")),
     Case("model_not_cm3dmm", "fit", "a torch file that is not a cm3dmm model", ("method",),
          _fit_case("torch_other")),
     Case("fit_unknown_subject", "fit", "fit --subject of a subject not in the data", ("nobody",),
@@ -751,6 +811,15 @@ CASES: list[Case] = [
          _config_case(text="- a\n- b\n")),
     Case("config_set_wrong_type", "prepare", "--set train.batch_faces=lots", ("train.batch_faces",),
          _config_case(sets=["train.batch_faces=lots"])),
+    Case("config_preset_list", "prepare", "(found by fuzzing) train.preset: [1]", ("train.preset",),
+         _config_case(_set("train.preset", [1]))),
+    Case("config_huge_number", "prepare", "(found by fuzzing) train.lr: 10^400", ("train.lr", "out of range"),
+         _config_case(_set("train.lr", 10 ** 400))),
+    Case("config_too_many_digits", "prepare", "(found by fuzzing) an integer of 5000 digits",
+         ("cannot be read",), _config_case(text="train:\n  steps: " + "9" * 5000 + "\n")),
+    Case("config_not_utf8", "prepare", "a config file of Latin-1 bytes", ("utf-8",),
+         _config_case(text=b"run: caf\xe9\n")),
+    Case("config_is_folder", "prepare", "--config naming a folder", ("cannot read",), _config_folder),
     Case("config_set_bad_yaml", "prepare", "--set train.steps=[1 (not YAML)", ("not valid yaml",),
          _config_case(sets=["train.steps=[1"], names="train.steps=[1")),
 ]

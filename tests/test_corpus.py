@@ -124,3 +124,22 @@ def test_rule_fails_with_the_same_line(results, tmp_path):
     assert "Traceback" not in out, out[-3000:]
     assert not [p for p in oc.outputs if p.exists()]
     assert not stray_temp_files(oc.run_dir)
+
+
+QUICK_FUZZ = ["test_obj_reader", "test_obj_fast_path_agrees_with_line_parser", "test_read_mesh_files",
+              "test_ply_reader", "test_config_from_values", "test_config_from_text"]
+
+
+@pytest.mark.parametrize("name", QUICK_FUZZ)
+def test_readers_quick_fuzz(name, tmp_path_factory):
+    """50 examples of each fuzz test of tests/fuzz (``make fuzz`` runs thousands)."""
+    import inspect
+
+    from hypothesis import HealthCheck, settings
+
+    from fuzz import test_fuzz_readers as fz
+
+    test = settings(max_examples=50, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(getattr(fz, name))
+    kwargs = {"tmp_path_factory": tmp_path_factory} if "tmp_path_factory" in inspect.signature(test).parameters else {}
+    test(**kwargs)

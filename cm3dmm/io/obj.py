@@ -11,6 +11,7 @@ which also produces the error messages with line numbers.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,8 @@ def parse_obj(raw: bytes, path: str | os.PathLike = "<obj>", vertices_only: bool
 
 # --------------------------------------------------------------------------- fast path
 def _parse_fast(raw: bytes, vertices_only: bool) -> dict:
-    if b"\\\n" in raw or b"\\\r\n" in raw:
-        raise _Irregular
+    if b"\\\n" in raw or b"\\\r\n" in raw or raw.count(b"\r") != raw.count(b"\r\n"):
+        raise _Irregular  # line continuations, or lone \r line ends: the line parser handles them
     buf = np.frombuffer(raw + b"\n   ", dtype=np.uint8).copy()
     buf[(buf == 9) | (buf == 13) | (buf == 11) | (buf == 12)] = _SP
     is_nl = buf == _NL
@@ -50,6 +51,8 @@ def _parse_fast(raw: bytes, vertices_only: bool) -> dict:
         raise _Irregular  # leading whitespace before a keyword: let the line parser deal with it
     c0, c1, c2 = buf[starts], buf[starts + 1], buf[starts + 2]
     v_, t_, n_, f_ = ord("v"), ord("t"), ord("n"), ord("f")
+    if ((((c0 == v_) | (c0 == f_)) & (c1 == _NL)) | ((c0 == v_) & ((c1 == t_) | (c1 == n_)) & (c2 == _NL))).any():
+        raise _Irregular  # a keyword without values: the line parser reports it
     kinds = {
         "v": (c0 == v_) & (c1 == _SP),
         "vt": (c0 == v_) & (c1 == t_) & (c2 == _SP),
@@ -148,6 +151,9 @@ def _absolute(idx: np.ndarray, n_before: np.ndarray) -> np.ndarray:
 
 
 _ZERO = -(1 << 40)  #: sentinel for the invalid OBJ index 0
+_WS_CHARS = " \t\r\x0b\x0c"  #: whitespace inside a line (not Unicode's: NBSP, \x1c-\x1f, ...)
+_WS = re.compile(f"[{_WS_CHARS}]+")
+_MAX_INDEX = 1 << 39  #: larger |index| is out of range for any file (and would overflow int64)
 
 
 # --------------------------------------------------------------------------- line parser
@@ -183,13 +189,16 @@ def _parse_lines(raw: bytes, path: Path, vertices_only: bool) -> dict:
             raise InputError(f"line {lineno}: bad face index {tok!r}", path) from None
         if i == 0:
             raise InputError(f"line {lineno}: face index 0 (OBJ indices start at 1)", path)
+        if abs(i) > _MAX_INDEX:
+            raise InputError(f"line {lineno}: face index {tok!r} is out of range", path)
         return i - 1 if i > 0 else n + i
 
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
+    # OBJ lines end at \n, \r\n or \r only (str.splitlines would also break at \v, \f, \x1c-\x1e,
+    # \x85, ..., which the fast path rightly reads as spaces inside a line)
+    for lineno, line in enumerate(re.split(r"\r\n|\r|\n", text), 1):
+        tokens = _WS.split(line.split("#", 1)[0].strip(_WS_CHARS))  # ASCII whitespace, as the fast path
+        if tokens == [""]:
             continue
-        tokens = line.split()
         key, rest = tokens[0], tokens[1:]
         if key == "v":
             v.append(floats(rest, lineno, 3, "v")[:3])

@@ -64,13 +64,22 @@ def _parse_header(raw: bytes, path: Path) -> tuple[str | None, list[_Element], i
                 count = int(tok[2])
                 if count < 0:
                     raise ValueError
+                if count > len(raw):  # every row takes at least a byte
+                    raise InputError(f"PLY header line {lineno}: element '{tok[1]}' declares {count} rows, "
+                                     f"more than the file has bytes ({len(raw)}): truncated or corrupt", path)
                 elements.append(_Element(tok[1], count))
             elif tok[0] == "property":
                 if not elements:
                     raise InputError(f"PLY header line {lineno}: property before any element", path)
+                if tok[-1] in {p[0] for p in elements[-1].props}:
+                    raise InputError(f"PLY header line {lineno}: property {tok[-1]!r} of element "
+                                     f"'{elements[-1].name}' declared twice", path)
                 if tok[1] == "list":
                     if tok[2] not in _TYPES or tok[3] not in _TYPES:
                         raise KeyError
+                    if _TYPES[tok[2]][0] == "f":
+                        raise InputError(f"PLY header line {lineno}: the length of list {tok[4]!r} has a "
+                                         f"non-integer type {tok[2]!r}", path)
                     elements[-1].props.append((tok[4], _TYPES[tok[3]], _TYPES[tok[2]]))
                 else:
                     if tok[1] not in _TYPES:
@@ -119,6 +128,8 @@ def parse_ply(raw: bytes, path: str | os.PathLike = "<ply>", vertices_only: bool
     for axis in "xyz":
         if axis not in vert:
             raise InputError(f"PLY vertex element has no '{axis}' property", path)
+        if isinstance(vert[axis], tuple):
+            raise InputError(f"PLY vertex property '{axis}' is a list, expected a number", path)
     v = np.stack([np.asarray(vert[a], dtype=np.float64) for a in "xyz"], axis=1)
     if len(v) == 0:
         raise InputError("PLY file has no vertices", path)
@@ -331,6 +342,8 @@ def _read_binary(el: _Element, raw: bytes, pos: int, endian: str, path: Path):
                     raise InputError(f"PLY body is truncated inside element '{el.name}'", path)
                 c = struct.unpack_from(endian + _STRUCT[ltype], raw, pos)[0]
                 pos += lsize
+                if c < 0:
+                    raise InputError(f"PLY element '{el.name}' has a list of negative length {c}", path)
                 if pos + c * size > len(raw):
                     raise InputError(f"PLY body is truncated inside element '{el.name}'", path)
                 cols[name].append(struct.unpack_from(f"{endian}{c}{_STRUCT[t]}", raw, pos))
