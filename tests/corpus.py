@@ -829,21 +829,39 @@ def cases_by_name() -> dict[str, Case]:
     return {c.name: c for c in CASES}
 
 
-def docs_table() -> str:
-    """The Markdown table of docs/bad-input.md."""
-    rows = ["| # | case | stage | bad input | the error line contains |", "|---|---|---|---|---|"]
+def docs_table(lines: dict[str, str] | None = None) -> str:
+    """The Markdown table of docs/bad-input.md; ``lines``: case name -> the error line it got."""
+    rows = ["| # | case | stage | bad input | what the user gets (stderr, exit status 2) |",
+            "|---|---|---|---|---|"]
     for i, c in enumerate(CASES, 1):
-        rows.append(f"| {i} | `{c.name}` | `{c.stage}` | {c.what} | the file, "
-                    + ", ".join(f"“{e}”" for e in c.expect) + " |")
+        got = (lines or {}).get(c.name)
+        got = f"`{got}`" if got else "the file, " + ", ".join(f"“{e}”" for e in c.expect)
+        rows.append(f"| {i} | `{c.name}` | {c.stage} | {c.what} | {got.replace('|', '&#124;')} |")
     return "\n".join(rows)
 
 
+def run_all(out: Path) -> dict[str, str]:
+    """Set up and run every case under ``out`` (CLI subprocesses); case name -> its stderr line with
+    the case folder shown as ``…``."""
+    import subprocess
+
+    base = build_base(out / "base")
+    got = {}
+    for case in CASES:
+        folder = out / case.name
+        oc = case.setup(CaseDir(base, folder))
+        proc = subprocess.run([sys.executable, "-m", "cm3dmm", *oc.argv], cwd=folder, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        line = " / ".join(ln for ln in proc.stderr.splitlines() if ln.strip())
+        got[case.name] = f"[exit {proc.returncode}] " + line.replace(str(folder), "…") if proc.returncode != 2 \
+            else line.replace(str(folder), "…")
+    return got
+
+
 if __name__ == "__main__":  # pragma: no cover - a tool for people
+    # python tests/corpus.py            the docs table (expected fragments)
+    # python tests/corpus.py OUT        run every case under OUT; the docs table with the lines got
     if len(sys.argv) < 2:
         print(docs_table())
-        sys.exit(0)
-    out = Path(sys.argv[1])
-    base = build_base(out / "base")
-    for case in CASES:
-        oc = case.setup(CaseDir(base, out / case.name))
-        print(case.name, "python -m cm3dmm", " ".join(oc.argv))
+    else:
+        print(docs_table(run_all(Path(sys.argv[1]).resolve())))

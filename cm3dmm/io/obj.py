@@ -114,6 +114,12 @@ def _parse_fast(raw: bytes, vertices_only: bool) -> dict:
         width, names = 2, ("v", "vn")
     else:
         raise _Irregular
+    if n_slash:  # the totals fit one corner form; every corner must have it ("1 1 1/1/1/0" would not)
+        fws = (fchunk == _SP) | (fchunk == _NL)
+        token = np.cumsum(~fws & np.r_[True, fws[:-1]]) - 1  # token index of each character
+        per_token = np.bincount(token[slash], minlength=n_corner)
+        if len(per_token) != n_corner or (per_token != n_slash // n_corner).any():
+            raise _Irregular
     fchunk = fchunk.copy()
     fchunk[slash] = _SP
     try:

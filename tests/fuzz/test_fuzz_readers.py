@@ -139,6 +139,8 @@ def test_obj_reader(raw):
 
 
 @given(OBJ_INPUTS)
+@example(b"v\t0 0 0\nf 1 1 1/1/1/0")  # found: the fast path read mixed corner forms as v/vt pairs
+@example(b"v 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nf 1/1 2 3//1\n")
 def test_obj_fast_path_agrees_with_line_parser(raw):
     """Where the vectorised path accepts a file, the reference parser must accept it too and
     produce the same mesh (or the same error)."""
