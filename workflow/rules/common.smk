@@ -1,5 +1,6 @@
 # Shared definitions: the validated config, the run folder, the CLI call, target lists.
 import json
+import shlex
 import sys
 
 from cm3dmm.config import config_from_dict, config_to_dict
@@ -16,7 +17,9 @@ P = RunPaths.of(RUN)
 # The whole validated config is handed to each rule as a parameter, so a config change reruns
 # the rules it reaches (Snakemake's params rerun trigger) and the CLI sees exactly this config.
 CFG_JSON = json.dumps(config_to_dict(CFG), sort_keys=True)
-CLI = "cm3dmm"
+# The package's CLI run by the interpreter that runs Snakemake, so the rules work whether or not
+# the environment's bin/ folder is on PATH (e.g. `.venv/bin/snakemake` from the Makefile).
+CLI = f"{shlex.quote(sys.executable)} -m cm3dmm"
 # Threads of the rules that use the whole machine. Not `workflow.cores`: that raises when no
 # --cores is given, which breaks `snakemake --report` (it builds the DAG without cores).
 ALL_CORES = workflow.resource_settings.cores or 1
