@@ -156,14 +156,17 @@ class TrainConfig:
 class FitConfig:
     mode: str = "per-subject"  #: per-subject (shared identity) | per-face
     optimizer: str = "lm"  #: lm (Levenberg-Marquardt) | lbfgs | adam (release protocol)
-    max_iter: int = 50
+    max_iter: int = 30  #: lm: iterations of all subset stages together (the fit's budget)
     tol: float = 1e-6  #: relative decrease of the objective that counts as converged
     prior_weight: float = 1e-6  #: weight of the Gaussian code prior (per standardised code dimension)
     scan_iters: int = 5  #: alternations of rigid refinement and code fitting for raw scans
     trim: float = 0.1  #: fraction of worst correspondences ignored for partial scans
     level: int = 0  #: upsampling level of the written meshes
-    points: int = 1000  #: lm: target points per face of the first phase (random subset; 0 = all)
-    polish_iters: int = 2  #: lm: iterations on all points after the subset phase
+    points: int = 600  #: lm: target points per face of the main stage (random subset; 0 = all)
+    coarse_points: int = 150  #: lm: points per face of a first, cheaper stage (0 = none)
+    coarse_iters: int = 20  #: lm: at most this many of the max_iter iterations on the coarse points
+    polish_iters: int = 0  #: lm: iterations on all points after the subset stages
+    damping: float = 1e-2  #: lm: initial Marquardt damping (carried over from stage to stage)
     units: str = "auto"  #: units of user scans: mm | cm | m | auto (the unit that makes it face-sized)
     scale: bool = False  #: estimate a scale in the rigid alignment of scans (else rigid only)
     scan_points: int = 20000  #: scan points used for scan->model correspondences (random subset; 0 = all)
@@ -238,7 +241,7 @@ _POSITIVE = {
 _NONNEGATIVE = {
     "template.levels", "cache.n_heldout", "cache.scan_distance", "train.continuous_points",
     "train.reg_weight", "train.prior_weight", "fit.prior_weight", "fit.tol", "fit.level",
-    "fit.points", "fit.polish_iters", "fit.scan_points",
+    "fit.points", "fit.polish_iters", "fit.scan_points", "fit.coarse_points", "fit.coarse_iters", "fit.damping",
     "train.threads", "train.val_faces", "baselines.pca_dim", "evaluate.upsampling_steps", "data.preview_subjects",
     "evaluate.train_subjects", "evaluate.surface_faces", "evaluate.timing_repeats", "evaluate.upsampling_subjects",
 }

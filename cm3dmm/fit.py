@@ -17,11 +17,15 @@ expression code per expression; ``per-face`` — independent codes per face (alw
 Optimisers (``cfg.fit.optimizer``):
 
 * ``lm`` — Levenberg-Marquardt in latent space (Nielsen's adaptive damping, Marquardt scaling),
-  with the code-independent part of the model (UV features, the UV part of every decoder layer)
-  computed once (:meth:`FaceModel.context`); first on a random subset of ``cfg.fit.points`` target
-  points per face, then ``polish_iters`` iterations on all of them. ``pca`` is solved exactly in
-  one step (regularised normal equations), ``bilinear`` by alternating least squares (each block
-  is linear given the other).
+  with the code-independent part of the model (UV features, the UV part of every decoder layer,
+  the decoder's normalised weights) computed once (:meth:`FaceModel.context`); in stages on
+  random subsets of the target points (:func:`lm_stages`: ``coarse_points`` for at most
+  ``coarse_iters`` iterations, then ``points``; ``max_iter`` iterations in all, the damping
+  carried over), then ``polish_iters`` iterations on all of them. The normal equations are
+  solved by their block structure (:func:`solve_lm_structured`: batched per-face systems, or a
+  Schur complement on the shared identity), and a rejected step costs one forward pass (the
+  normal equations are kept). ``pca`` is solved exactly in one step (regularised normal
+  equations), ``bilinear`` by alternating least squares (each block is linear given the other).
 * ``lbfgs`` — L-BFGS (strong Wolfe line search) on the same objective, same precomputation.
 * ``adam`` — the release protocol: zero-initialised codes, Adam lr 3e-3, 1,000 iterations, mean
   vertex distance, a full forward pass (encoder included) every step.
@@ -60,6 +64,9 @@ RELEASE_ITERS = 1000
 UNIT_FACTORS = {"mm": 1.0, "cm": 10.0, "m": 1000.0}
 #: mm: the "distance" loss is sqrt(|r|^2 + ROBUST_DELTA^2) - ROBUST_DELTA per point (smooth |r|)
 ROBUST_DELTA = 0.05
+#: normal equations of registered targets: J^T W J formed in float64 (else in the Jacobian's float32,
+#: converted to float64 for the solve)
+NE_DOUBLE = False
 #: values of Jacobian held at once (faces are processed in chunks below this)
 JACOBIAN_BUDGET = 30_000_000
 #: scans: weight of the point-to-point residual added to the point-to-plane one
@@ -137,6 +144,12 @@ def _predict(x: torch.Tensor, t: Targets, local: torch.Tensor) -> torch.Tensor:
     return (x[b, local] * t.bary.to(x.dtype)[..., None]).sum(2)
 
 
+def _take(t: Targets, idx: torch.Tensor) -> Targets:
+    """The targets of faces ``idx`` only."""
+    return Targets(t.points[idx], t.vids[idx], t.bary[idx], t.weights[idx],
+                   None if t.normals is None else t.normals[idx], t.p2p)
+
+
 def _residuals(pred: torch.Tensor, t: Targets) -> torch.Tensor:
     """(B, K, 3) point-to-point, or (B, K, 4) point-to-plane + ``p2p`` x point-to-point residuals."""
     d = pred - t.points.to(pred.dtype)
@@ -206,6 +219,8 @@ class SolveInfo:
     jacobians: int = 0
     objective: float = float("nan")
     history: list[float] = field(default_factory=list)
+    #: Levenberg-Marquardt: the final damping per group (a start for the next stage)
+    damping: torch.Tensor | None = None
 
     @property
     def converged(self) -> bool:
@@ -224,6 +239,9 @@ class _Problem:
         vids = targets.vids.reshape(-1).numpy()
         uniq, inv = np.unique(vids, return_inverse=True)
         self.local = torch.as_tensor(inv.reshape(targets.vids.shape))
+        #: every face's point k is context vertex k (registered targets): no gathers needed
+        self.ident = bool(targets.vids.shape[1] == len(uniq) and (targets.bary[..., 1:] == 0).all()
+                          and (self.local[..., 0] == torch.arange(len(uniq))).all())
         self.ctx = model.context(uniq)
         self.release = release
         self.wsum = targets.weights.sum(1).clamp_min(1e-12)  # (B,)
@@ -258,7 +276,7 @@ class _Problem:
     def data_energy(self, x: torch.Tensor, codes: Codes | None = None) -> torch.Tensor:
         """(B,) weighted mean squared residual per face."""
         t = self.t if codes is None else self.targets_at(codes)
-        r = _residuals(_predict(x, t, self.local), t).to(torch.float64)
+        r = _residuals(x if self.ident else _predict(x, t, self.local), t).to(torch.float64)
         sq = (r * r).sum(-1)
         if self.delta is not None:
             sq = (sq + self.delta ** 2).sqrt() - self.delta
@@ -278,32 +296,72 @@ class _Problem:
         ei, ee = self.prior_energy(codes)
         return float(ed.sum() + ei.sum() + ee.sum())
 
-    def face_energies(self, codes: Codes) -> torch.Tensor:
-        """(B,) data + expression prior (+ identity prior when not shared) per face."""
+    def face_energies(self, codes: Codes, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) data + expression prior (+ identity prior when not shared) per face; with ``idx``
+        only those faces (len(idx),), decoding only their codes."""
+        if idx is None:
+            with torch.no_grad():
+                ed = self.data_energy(self.positions(codes), codes)
+            ei, ee = self.prior_energy(codes)
+            return ed + ee + (0 if codes.shared else ei)
+        zi, ze = codes.per_face()
+        dt = self.model.dtype
         with torch.no_grad():
-            ed = self.data_energy(self.positions(codes), codes)
+            x = self.model.decode(self.ctx, zi[idx].to(dt), ze[idx].to(dt))
+        tg = _take(self.targets_at(codes), idx)
+        r = _residuals(x if self.ident else _predict(x, tg, self.local[idx]), tg).to(torch.float64)
+        sq = (r * r).sum(-1)
+        if self.delta is not None:
+            sq = (sq + self.delta ** 2).sqrt() - self.delta
+        ed = (sq * tg.weights).sum(1) / self.wsum[idx]
         ei, ee = self.prior_energy(codes)
-        return ed + ee + (0 if codes.shared else ei)
+        return ed + ee[idx] + (0 if codes.shared else ei[idx])
 
-    def normal_equations(self, codes: Codes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def normal_equations(self, codes: Codes, idx: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per face: A (B, D, D) = J^T W J / W_b, g (B, D) = J^T W r / W_b, data energy (B,).
 
         With a rigid motion in ``codes`` the unknowns of a face are [z_id, z_exp, dw (3), dt (3)]
         (a left increment of the motion about the targets' centre). Faces are processed in
-        chunks that bound the Jacobian's memory (:data:`JACOBIAN_BUDGET` values)."""
+        chunks that bound the Jacobian's memory (:data:`JACOBIAN_BUDGET` values). ``idx``: only
+        these faces (the outputs then have len(idx) rows)."""
         tg = self.targets_at(codes)
         zi, ze = codes.per_face()
         dt = self.model.dtype
         n_b, k = tg.points.shape[:2]
+        faces = torch.arange(n_b) if idx is None else torch.as_tensor(idx, dtype=torch.long)
         per_face = max(int(self.local.max()) + 1, 1) * 3 * (self.model.code_dim + 6) * (1 if self.single else 2)
         step = max(1, JACOBIAN_BUDGET // max(per_face, 1))
         outs = []
-        for s in range(0, n_b, step):
-            sl = slice(s, min(s + step, n_b))
+        for s in range(0, len(faces), step):
+            sl = faces[s:s + step]
+            if idx is None and len(sl) == n_b:
+                sl = slice(None)
             x, jx = self.model.jacobian(self.ctx, zi[sl].to(dt), ze[sl].to(dt))  # (b,U,3), (b,U,3,D)
             b = torch.arange(x.shape[0]).view(-1, 1)
             loc = self.local[sl]
-            if self.single:  # registered targets: each point is one vertex
+            if self.ident and codes.rot is None and tg.normals is None:
+                # registered targets (point k is context vertex k), point-to-point, no gathers:
+                # J^T W J from the float32 Jacobian (float64 with NE_DOUBLE), J^T W r in float64
+                r = x.to(torch.float64) - tg.points[sl]
+                w = tg.weights[sl] / self.wsum[sl, None]
+                if self.delta is not None:
+                    w = w / (2 * ((r * r).sum(-1) + self.delta ** 2).sqrt())
+                sw = w.sqrt()
+                jw = (jx * sw.to(jx.dtype)[..., None, None]).flatten(1, 2)  # (b, K*3, D)
+                rw = (r * sw[..., None]).flatten(1, 2)
+                if NE_DOUBLE:
+                    jw = jw.to(torch.float64)
+                    jt = jw.transpose(1, 2)
+                    outs.append((jt @ jw, (jt @ rw[..., None])[..., 0], (rw * rw).sum(1)))
+                else:
+                    jt = jw.transpose(1, 2)
+                    outs.append(((jt @ jw).to(torch.float64),
+                                 (jt.to(torch.float64) @ rw[..., None])[..., 0], (rw * rw).sum(1)))
+                continue
+            if self.ident:
+                pred, jp = x, jx.to(torch.float64)
+            elif self.single:  # each point is one vertex
                 pred = x[b, loc[..., 0]]
                 jp = jx[b, loc[..., 0]].to(torch.float64)  # (b, K, 3, D)
             else:
@@ -473,6 +531,181 @@ def _copy_group(dst: Codes, src: Codes, group: list[int]) -> None:
             dst.trans[b] = src.trans[b]
 
 
+def _structured_step(a: torch.Tensor, g: torch.Tensor, hid: torch.Tensor, gid: torch.Tensor, pe: torch.Tensor,
+                     ge_prior: torch.Tensor, mu: torch.Tensor, shared: bool, di: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Damped Gauss-Newton steps exploiting the block structure of the normal equations.
+
+    a (B, D, D), g (B, D): per-face data blocks over [z_id, z_exp (+ pose)]; hid (Di,) / gid
+    (I, Di): identity prior diagonal / gradient (I = 1 when shared, else B); pe (De',) / ge_prior
+    (B, De'): expression prior diagonal / gradient (zero on pose columns); mu (G,) Marquardt
+    damping per group (G = 1 when shared, else B). Per face: batched dense solves of (D, D).
+    Shared identity: the expression blocks are eliminated (Schur complement), leaving one (Di, Di)
+    system. Returns the identity steps (I, Di), the per-face steps (B, De') and the predicted
+    decrease of the undamped quadratic model per group (G,).
+    """
+    f64 = torch.float64
+    b = a.shape[0]
+    hee = a[:, di:, di:] + torch.diag_embed(pe.expand(b, -1))
+    gee = g[:, di:] + ge_prior
+    hie = a[:, :di, di:]  # (B, Di, De')
+    if not shared:
+        h = a.clone()
+        h[:, :di, :di] += torch.diag(hid)
+        h[:, di:, di:] = hee
+        grad = torch.cat([g[:, :di] + gid, gee], 1)
+        dg = torch.diagonal(h, dim1=1, dim2=2).clamp_min(1e-12)
+        hd = h + torch.diag_embed(mu[:, None] * dg)
+        step, bad = torch.linalg.solve_ex(hd, -grad[..., None])
+        step = step[..., 0]
+        if bool((bad != 0).any()) or not torch.isfinite(step).all():
+            step = torch.linalg.lstsq(hd, -grad[..., None]).solution[..., 0]
+        pred = -(grad * step).sum(1) - 0.5 * (step * (h @ step[..., None])[..., 0]).sum(1)
+        return step[:, :di], step[:, di:], pred
+    hii = a[:, :di, :di].sum(0) + torch.diag(hid)
+    gi = g[:, :di].sum(0) + gid[0]
+    m = mu[0]
+    hii_d = hii + m * torch.diag(torch.diagonal(hii).clamp_min(1e-12))
+    hee_d = hee + m * torch.diag_embed(torch.diagonal(hee, dim1=1, dim2=2).clamp_min(1e-12))
+    rhs = torch.cat([hie.transpose(1, 2), gee[..., None]], 2)  # (B, De', Di + 1)
+    sol, bad = torch.linalg.solve_ex(hee_d, rhs)
+    if bool((bad != 0).any()) or not torch.isfinite(sol).all():
+        sol = torch.linalg.lstsq(hee_d, rhs).solution
+    x, y = sol[..., :di], sol[..., di]  # Hee^-1 Hei, Hee^-1 ge
+    s = hii_d - torch.einsum("bij,bjk->ik", hie, x)
+    r = gi - torch.einsum("bij,bj->i", hie, y)
+    si, bad = torch.linalg.solve_ex(s, -r[:, None])
+    si = si[:, 0]
+    if int(bad) != 0 or not torch.isfinite(si).all():
+        si = torch.linalg.lstsq(s, -r[:, None]).solution[:, 0]
+    se = -(y + torch.einsum("bij,j->bi", x, si))
+    quad = (si @ (hii @ si) + 2 * torch.einsum("i,bij,bj->", si, hie, se)
+            + torch.einsum("bi,bij,bj->", se, hee, se))
+    pred = -(gi @ si) - (gee * se).sum() - 0.5 * quad
+    return si[None], se, pred.reshape(1).to(f64)
+
+
+def solve_lm_structured(prob: _Problem, codes: Codes, max_iter: int, tol: float,
+                        damping: float | torch.Tensor = 1e-3, info: SolveInfo | None = None
+                        ) -> tuple[Codes, SolveInfo]:
+    """Levenberg-Marquardt like :func:`solve_lm` (same objective, damping rule, acceptance and
+    convergence test), with the work of an iteration cut down:
+
+    * the normal equations are solved by their block structure (:func:`_structured_step`):
+      batched per-face solves, or a Schur complement on the shared identity instead of one
+      dense system over all of a subject's expressions;
+    * a rejected step costs one forward pass of the faces concerned: their Jacobians and normal
+      equations are kept until a step of theirs is accepted;
+    * the energy of an accepted trial is kept (no second forward at the same codes);
+    * groups that have converged are neither decoded nor differentiated again.
+
+    ``damping``: the initial Marquardt factor, a float or one per group (e.g. ``info.damping``
+    of a previous stage: one per face, or one when the identity is shared).
+    """
+    codes = codes.clone()
+    info = info or SolveInfo(status="max_iter")
+    info.status = "max_iter"
+    f64 = torch.float64
+    nb = codes.z_exp.shape[0]
+    shared = codes.shared
+    di, dx, npose = prob.model.id_dim, prob.model.exp_dim, codes.n_pose
+    de = dx + npose
+    ngroups = 1 if shared else nb
+    face_group = torch.zeros(nb, dtype=torch.long) if shared else torch.arange(nb)
+    pi, mi = prob.pid
+    pe, me = prob.pexp
+    hid = prob.lam * pi
+    pe_full = torch.cat([prob.lam * pe, torch.zeros(npose, dtype=f64)])
+    if isinstance(damping, torch.Tensor) and damping.numel() == ngroups:
+        mu = damping.detach().to(f64).reshape(ngroups).clone()
+    else:
+        mu = torch.full((ngroups,), float(damping), dtype=f64)
+    nu = torch.full((ngroups,), 2.0, dtype=f64)
+    done = torch.zeros(ngroups, dtype=torch.bool)
+    d = di + de
+    a = torch.zeros(nb, d, d, dtype=f64)
+    g = torch.zeros(nb, d, dtype=f64)
+    stale = torch.ones(nb, dtype=torch.bool)
+    fe = prob.face_energies(codes)
+    ei = prob.prior_energy(codes)[0]
+    info.evaluations += 1
+
+    def group_energy(fe_, ei_):  # (G,)
+        return fe_.sum().reshape(1) + ei_[0] if shared else fe_
+
+    for it in range(max_iter):
+        if bool(stale.any()):
+            idx = torch.nonzero(stale)[:, 0]
+            ai, gi_, _ = prob.normal_equations(codes, None if len(idx) == nb else idx)
+            a[idx], g[idx] = ai, gi_
+            stale[:] = False
+            info.jacobians += 1
+        info.iterations = it + 1
+        act_g = torch.nonzero(~done)[:, 0]
+        act_f = torch.nonzero(~done[face_group])[:, 0]
+        zi64 = codes.z_id.to(f64)
+        gid = hid * (zi64 - mi)
+        ge_prior = torch.cat([prob.lam * pe * (codes.z_exp.to(f64) - me), torch.zeros(nb, npose, dtype=f64)], 1)
+        if shared:
+            si, se, pred = _structured_step(a, g, hid, gid, pe_full, ge_prior, mu, True, di)
+        else:
+            si, se, pred = _structured_step(a[act_f], g[act_f], hid, gid[act_f], pe_full, ge_prior[act_f],
+                                            mu[act_g], False, di)
+            si_full = torch.zeros(nb, di, dtype=f64)
+            se_full = torch.zeros(nb, de, dtype=f64)
+            pred_full = torch.zeros(nb, dtype=f64)
+            si_full[act_f], se_full[act_f], pred_full[act_f] = si, se, pred
+            si, se, pred = si_full, se_full, pred_full
+        trial = codes.clone()
+        trial.z_id += si.to(trial.z_id.dtype)
+        trial.z_exp += se[:, :dx].to(trial.z_exp.dtype)
+        if npose:
+            for k in act_f.tolist():
+                rd = _rodrigues(se[k, dx:dx + 3])
+                trial.rot[k] = rd @ trial.rot[k]
+                trial.trans[k] = rd @ trial.trans[k] + se[k, dx + 3:]
+        fe_t = fe.clone()
+        fe_t[act_f] = prob.face_energies(trial, act_f if len(act_f) < nb else None)
+        ei_t = prob.prior_energy(trial)[0]
+        info.evaluations += 1
+        e0, e1 = group_energy(fe, ei), group_energy(fe_t, ei_t)
+        for k in act_g.tolist():
+            fk = torch.nonzero(face_group == k)[:, 0]
+            if e1[k] <= e0[k]:
+                rel = float((e0[k] - e1[k]) / e0[k].clamp_min(1e-300))
+                rho = float((e0[k] - e1[k]) / pred[k].clamp_min(1e-300))
+                irow = 0 if shared else k
+                codes.z_id[irow] = trial.z_id[irow]
+                codes.z_exp[fk] = trial.z_exp[fk]
+                if npose:
+                    codes.rot[fk] = trial.rot[fk]
+                    codes.trans[fk] = trial.trans[fk]
+                fe[fk] = fe_t[fk]
+                ei[irow] = ei_t[irow]
+                stale[fk] = True
+                mu[k] *= max(1 / 3, 1 - (2 * min(rho, 1.0) - 1) ** 3) if mu[k] > 0 else 1.0
+                nu[k] = 2.0
+                if rel < tol:
+                    done[k] = True
+            else:
+                if mu[k] == 0:
+                    done[k] = True
+                    continue
+                mu[k] *= nu[k]
+                nu[k] *= 2
+                if mu[k] > 1e12:
+                    done[k] = True
+                    info.status = "stalled"
+        info.history.append(float(fe.sum() + (ei[0] if shared else 0)))
+        if bool(done.all()):
+            if info.status != "stalled":
+                info.status = "converged"
+            break
+    info.objective = float(fe.sum() + (ei[0] if shared else 0.0))  # = prob.energy(codes), no forward
+    info.damping = mu
+    return codes, info
+
+
 def solve_als(prob: _Problem, codes: Codes, max_iter: int, tol: float) -> tuple[Codes, SolveInfo]:
     """Alternating least squares for models linear in each block (exact block solves)."""
     info = SolveInfo(status="max_iter")
@@ -522,9 +755,13 @@ def solve_lbfgs(prob: _Problem, codes: Codes, max_iter: int, tol: float) -> tupl
     return out, info
 
 
-def solve_adam(prob: _Problem, codes: Codes, iters: int = RELEASE_ITERS, lr: float = RELEASE_LR) -> tuple[Codes, SolveInfo]:
+def solve_adam(prob: _Problem, codes: Codes, iters: int | None = None, lr: float | None = None
+               ) -> tuple[Codes, SolveInfo]:
     """The release protocol: Adam on the mean point distance (not squared), a full forward
-    pass (encoder included) every step, a fixed number of iterations, no prior."""
+    pass (encoder included) every step, a fixed number of iterations, no prior. Defaults:
+    :data:`RELEASE_ITERS`, :data:`RELEASE_LR` (read at call time)."""
+    iters = RELEASE_ITERS if iters is None else int(iters)
+    lr = RELEASE_LR if lr is None else float(lr)
     zi = codes.z_id.detach().clone().to(prob.model.dtype).requires_grad_(True)
     ze = codes.z_exp.detach().clone().to(prob.model.dtype).requires_grad_(True)
     opt = torch.optim.Adam([zi, ze], lr=lr)
@@ -566,7 +803,7 @@ def solve_codes(model: FaceModel, targets: Targets, cfg, codes: Codes | None = N
         return _Problem(model, t, cfg.prior_weight, delta=delta)
 
     if codes.rot is not None:  # joint codes + rigid motion (scans): always Levenberg-Marquardt
-        return solve_lm(_P(targets), codes, cfg.max_iter, cfg.tol)
+        return solve_lm_structured(_P(targets), codes, cfg.max_iter, cfg.tol)
     if cfg.optimizer == "adam":
         return solve_adam(_Problem(model, targets, cfg.prior_weight, release=True), codes)
     if model.structure in ("linear", "bilinear") and cfg.optimizer == "lm":
@@ -579,33 +816,68 @@ def solve_codes(model: FaceModel, targets: Targets, cfg, codes: Codes | None = N
         if delta is None:
             return codes, info
         # ... then the distance objective by IRLS-Levenberg-Marquardt from there
-        codes, info2 = solve_lm(_P(targets), codes, cfg.max_iter, cfg.tol)
+        codes, info2 = solve_lm_structured(_P(targets), codes, cfg.max_iter, cfg.tol)
         info2.iterations += info.iterations
         info2.jacobians += info.jacobians
         info2.history = info.history + info2.history
         return codes, info2
     if cfg.optimizer == "lbfgs":
         return solve_lbfgs(_P(targets), codes, cfg.max_iter, cfg.tol)
-    # lm on a subset, then polish on all points
-    sub = targets.subset(int(getattr(cfg, "points", 0)), rng)
-    info_all = SolveInfo()
-    if sub is not targets:
-        codes, info_sub = solve_lm(_P(sub), codes, cfg.max_iter, cfg.tol)
-        polish = int(getattr(cfg, "polish_iters", 2))
-        if polish > 0:
-            codes, info_all = solve_lm(_P(targets), codes, polish, cfg.tol,
-                                       damping=1e-6)
-            # the subset phase decides convergence; polishing is bounded by design
-            info_all.status = info_sub.status
-        else:
-            info_all = info_sub
-            info_all.objective = _P(targets).energy(codes)
-        info_all.iterations += info_sub.iterations
-        info_all.jacobians += info_sub.jacobians
-        info_all.evaluations += info_sub.evaluations
-        info_all.history = info_sub.history + info_all.history
-        return codes, info_all
-    return solve_lm(_P(targets), codes, cfg.max_iter, cfg.tol)
+    # lm in stages on growing random subsets of the target points: ``coarse_points`` (at most
+    # ``coarse_iters`` iterations), then ``points``, then ``polish_iters`` on all of them; the
+    # damping carries over from stage to stage and ``max_iter`` bounds the subset stages together
+    return solve_lm_staged(model, targets, cfg, codes, rng, delta)
+
+
+def lm_stages(cfg, n_points: int) -> list[tuple[int, int]]:
+    """The (points, max iterations) of the subset stages of ``lm`` (0 points = all of them)."""
+    budget = max(int(cfg.max_iter), 1)
+    pts = int(getattr(cfg, "points", 0))
+    pts = 0 if pts <= 0 or pts >= n_points else pts
+    cp = int(getattr(cfg, "coarse_points", 0))
+    ci = int(getattr(cfg, "coarse_iters", 0))
+    stages = []
+    if cp > 0 and ci > 0 and cp < n_points and (pts == 0 or cp < pts) and budget > 1:
+        stages.append((cp, min(ci, budget - 1)))
+    stages.append((pts, budget))  # the rest of the budget (see solve_lm_staged)
+    return stages
+
+
+def solve_lm_staged(model: FaceModel, targets: Targets, cfg, codes: Codes, rng: np.random.Generator,
+                    delta: float | None) -> tuple[Codes, SolveInfo]:
+    """Levenberg-Marquardt on the stages of :func:`lm_stages`, then ``polish_iters`` on all points."""
+    k = int(targets.points.shape[1])
+    damping = float(getattr(cfg, "damping", 1e-3))
+    used = 0
+    total = SolveInfo()
+    info = None
+    stages = lm_stages(cfg, k)
+    for s, (pts, iters) in enumerate(stages):
+        iters = iters if s < len(stages) - 1 else max(int(cfg.max_iter) - used, 1)
+        sub = targets.subset(pts, rng) if pts else targets
+        codes, info = solve_lm_structured(_Problem(model, sub, cfg.prior_weight, delta=delta), codes, iters,
+                                          cfg.tol, damping=damping)
+        damping = info.damping
+        used += info.iterations
+        total.iterations += info.iterations
+        total.jacobians += info.jacobians
+        total.evaluations += info.evaluations
+        total.history += info.history
+    total.status = info.status  # the last subset stage decides convergence
+    #: the objective on the last stage's points (all of them after polishing)
+    total.objective = info.objective
+    polish = int(getattr(cfg, "polish_iters", 0))
+    if polish > 0 and stages[-1][0] != 0:
+        full = _Problem(model, targets, cfg.prior_weight, delta=delta)
+        codes, pinfo = solve_lm_structured(full, codes, polish, cfg.tol, damping=damping)
+        total.iterations += pinfo.iterations
+        total.jacobians += pinfo.jacobians
+        total.evaluations += pinfo.evaluations
+        total.history += pinfo.history
+        total.objective = pinfo.objective
+        damping = pinfo.damping
+    total.damping = damping
+    return codes, total
 
 
 # ============================================================================ results

@@ -202,15 +202,24 @@ class NeuralFace(FaceModel):
             ids = torch.as_tensor(np.asarray(vertex_ids, np.int64), device=m.mean.device)
             uv, avg = m.uv[ids], m.mean[ids]
         with torch.no_grad():
-            return m.precompute(uv, avg=avg)
+            ctx = m.precompute(uv, avg=avg)
+        # the decoder's effective weights, fixed while fitting (weight normalisation done once)
+        ctx.frozen = m.decoder.frozen_weights()
+        return ctx
 
     def decode(self, ctx, z_id, z_exp):
-        return self.model.decode_context(ctx, z_id, z_exp)
+        frozen = getattr(ctx, "frozen", None)
+        if frozen is None or torch.is_grad_enabled() and (z_id.requires_grad or z_exp.requires_grad):
+            return self.model.decode_context(ctx, z_id, z_exp)
+        codes = torch.cat([z_id, z_exp], 1)
+        d = self.model.decoder.forward_codes(codes[:, None, :], ctx.pre, weights=frozen)
+        return d + ctx.avg.to(d.dtype)
 
     def jacobian(self, ctx, z_id, z_exp):
         codes = torch.cat([z_id, z_exp], 1).detach()
         with torch.no_grad():
-            out, jac = self.model.decoder.forward_and_jacobian(codes, ctx.pre, chunk_size=self.jacobian_chunk)
+            out, jac = self.model.decoder.forward_and_jacobian(codes, ctx.pre, chunk_size=self.jacobian_chunk,
+                                                               weights=getattr(ctx, "frozen", None))
         return out + ctx.avg.to(out.dtype), jac
 
     def decode_release(self, ctx, z_id, z_exp):

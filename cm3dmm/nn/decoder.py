@@ -118,28 +118,46 @@ class Decoder(nn.Module):
         if len(pre) != len(self.hidden):
             raise ValueError(f"pre must hold {len(self.hidden)} tensors (from precompute_uv), got {len(pre)}")
 
-    def forward_codes(self, codes: Tensor, pre: list[Tensor]) -> Tensor:
+    def frozen_weights(self) -> dict:
+        """The effective (weight-normalised) code/hidden blocks of every layer and the output
+        layer, detached: pass as ``weights=`` to :meth:`forward_codes` /
+        :meth:`forward_and_jacobian` to skip recomputing the weight normalisation on every
+        call while the decoder does not change (fitting)."""
+        with torch.no_grad():
+            return {"hidden": [layer.weight[:, :self._n_state[i]].detach().contiguous()
+                               for i, layer in enumerate(self.hidden)],
+                    "out_w": self.out.weight.detach().clone(), "out_b": self.out.bias.detach().clone()}
+
+    def _weights(self, weights: dict | None) -> tuple[list[Tensor], Tensor, Tensor]:
+        if weights is not None:
+            return weights["hidden"], weights["out_w"], weights["out_b"]
+        return ([layer.weight[:, :self._n_state[i]] for i, layer in enumerate(self.hidden)],
+                self.out.weight, self.out.bias)
+
+    def forward_codes(self, codes: Tensor, pre: list[Tensor], weights: dict | None = None) -> Tensor:
         """Equals ``forward(codes, feats)`` given ``pre = precompute_uv(feats)``.
 
         codes: (N, code_dim) against pre of (N, h), or (B, 1, code_dim) to evaluate B code
         vectors at all N points -> (B, N, 3). Pure tensor ops: works under ``torch.func``.
+        ``weights``: from :meth:`frozen_weights` (no gradient to the decoder then).
         """
         self._check("codes", codes, self.code_dim)
         self._check_pre(pre)
+        ws, ow, ob = self._weights(weights)
         h = codes
-        for i, layer in enumerate(self.hidden):
-            h = self._act(F.linear(h, layer.weight[:, :self._n_state[i]]) + pre[i])
-        return F.linear(h, self.out.weight, self.out.bias) * self.output_scale
+        for w, p in zip(ws, pre):
+            h = self._act(F.linear(h, w) + p)
+        return F.linear(h, ow, ob) * self.output_scale
 
-    def forward_and_jacobian(self, codes: Tensor, pre: list[Tensor],
-                             chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    def forward_and_jacobian(self, codes: Tensor, pre: list[Tensor], chunk_size: int | None = None,
+                             weights: dict | None = None) -> tuple[Tensor, Tensor]:
         """Displacements and their Jacobian w.r.t. the codes, by analytic reverse mode.
 
         codes: (B, code_dim); pre: from ``precompute_uv(feats (N, uv_dim))`` ->
         ``out`` (B, N, 3) and ``jac`` (B, N, 3, code_dim) with ``jac[b, n, c, d] = d out[b, n, c] /
         d codes[b, d]``. The three output rows are back-propagated through the layers together
         (cost ~3 forward passes); ``chunk_size`` bounds the points processed at once (memory
-        ~ B * chunk * 3 * max(widths) values).
+        ~ B * chunk * 3 * max(widths) values); ``weights``: from :meth:`frozen_weights`.
         """
         self._check("codes", codes, self.code_dim)
         self._check_pre(pre)
@@ -150,23 +168,24 @@ class Decoder(nn.Module):
         outs, jacs = [], []
         for s in range(0, n, step):
             part = [p[..., s:s + step, :] if p.ndim >= 2 else p for p in pre]
-            o, j = self._forward_and_jacobian(codes, part)
+            o, j = self._forward_and_jacobian(codes, part, weights)
             outs.append(o)
             jacs.append(j)
         if len(outs) == 1:
             return outs[0], jacs[0]
         return torch.cat(outs, 1), torch.cat(jacs, 1)
 
-    def _forward_and_jacobian(self, codes: Tensor, pre: list[Tensor]) -> tuple[Tensor, Tensor]:
-        weights = [layer.weight[:, :self._n_state[i]] for i, layer in enumerate(self.hidden)]
+    def _forward_and_jacobian(self, codes: Tensor, pre: list[Tensor],
+                              frozen: dict | None = None) -> tuple[Tensor, Tensor]:
+        weights, ow, ob = self._weights(frozen)
         h = codes[:, None, :]
         hs = []
         for w, p in zip(weights, pre):
             h = self._act(F.linear(h, w) + p)
             hs.append(h)  # (B, N, width_i)
-        out = F.linear(h, self.out.weight, self.out.bias) * self.output_scale
+        out = F.linear(h, ow, ob) * self.output_scale
         # d out / d h_last = s W_out; through tanh(k a): * k (1 - h^2); through a_i: @ W_i
-        g = (self.out.weight * self.output_scale) * (self.k * (1 - hs[-1] * hs[-1])).unsqueeze(-2)
+        g = (ow * self.output_scale) * (self.k * (1 - hs[-1] * hs[-1])).unsqueeze(-2)
         for i in range(len(hs) - 1, 0, -1):
             g = g @ weights[i]  # (B, N, 3, width_{i-1})
             g = g * (self.k * (1 - hs[i - 1] * hs[i - 1])).unsqueeze(-2)
