@@ -312,10 +312,11 @@ def test_workflow_rerun_incomplete(ref, tmp_path):
             assert time.monotonic() < deadline, "the template rule never started writing"
             time.sleep(0.001)
         landed = proc.poll() is None
-        os.killpg(proc.pid, signal.SIGKILL)
+        if landed:
+            os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    assert landed, "the workflow finished before it could be killed"
+    assert landed, f"the workflow ended (status {proc.returncode}) before it could be killed"
     assert (run / "data" / "registered.h5").exists()
     assert not (run / "cache" / "train.h5").exists()
     time.sleep(0.5)  # let the killed group's children go
