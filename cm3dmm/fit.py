@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ import numpy as np
 import torch
 
 from cm3dmm.errors import InputError, StageError
+from cm3dmm.geometry import vertex_normals
 from cm3dmm.methods import FaceModel
 from cm3dmm.rigid import Similarity, align_to_reference, trimmed_icp, umeyama
 
@@ -990,14 +990,6 @@ def read_scan(path, units: str = "auto", landmarks: dict | None = None) -> Scan:
     return Scan(pts * factor, faces, normals, lms, Path(path).name.split(".")[0], unit, str(path))
 
 
-def _vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
-    fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
-    n = np.zeros_like(v)
-    for k in range(3):
-        np.add.at(n, f[:, k], fn)
-    return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
-
-
 def boundary_vertices(faces: np.ndarray, n: int) -> np.ndarray:
     """(n,) bool: vertices on an edge used by exactly one triangle."""
     e = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
@@ -1025,7 +1017,7 @@ def _scan_targets(scan_pts: np.ndarray, full_pts: np.ndarray, scan: Scan, verts:
     bound = max(float(np.quantile(dv, 1.0 - trim)) if trim > 0 else float(dv.max()), 1.0) * 1.5
     proj = closest_points_on_mesh(scan_pts, verts, faces, max_distance=bound)
     tri_v = faces[proj.tri]  # (P, 3)
-    vn = _vertex_normals(verts, faces)
+    vn = vertex_normals(verts, faces)
     # projections onto the boundary of the model region: the scan extends beyond the model
     nz = proj.bary > 1e-6
     edge = (on_boundary[tri_v] | ~nz).all(1)
@@ -1045,7 +1037,7 @@ def _scan_targets(scan_pts: np.ndarray, full_pts: np.ndarray, scan: Scan, verts:
         back = closest_points_on_mesh(verts, full_pts, scan.faces,
                                       max_distance=np.median(d[keep]) * 3.0 + 1.0 if keep.any() else None)
         bd, bq = back.dist, back.closest
-        fn = _vertex_normals(full_pts, scan.faces)
+        fn = vertex_normals(full_pts, scan.faces)
         nb = np.einsum("pk,pkc->pc", back.bary, fn[scan.faces[back.tri]])
     else:
         bd, j = scan_tree.query(verts)

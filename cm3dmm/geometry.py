@@ -43,6 +43,24 @@ def triangle_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=-1)
 
 
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted unit vertex normals (zero for vertices in no triangle).
+
+    vertices: (V, 3); faces: (F, 3) int. Returns (V, 3), dtype of ``vertices`` (float64 for
+    integer input).
+    """
+    v = np.asarray(vertices)
+    if not np.issubdtype(v.dtype, np.floating):
+        v = v.astype(np.float64)
+    f = np.asarray(faces)
+    fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
+    n = np.zeros_like(v)
+    for k in range(3):
+        np.add.at(n, f[:, k], fn)
+    norm = np.linalg.norm(n, axis=1, keepdims=True)
+    return n / np.where(norm > 0, norm, 1.0)
+
+
 def sample_surface(
     vertices: np.ndarray, faces: np.ndarray, n: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:

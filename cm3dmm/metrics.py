@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cm3dmm.geometry import closest_points_on_mesh, sample_surface
+from cm3dmm.geometry import vertex_normals as _geometry_vertex_normals
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +141,8 @@ def face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Area-weighted unit vertex normals. vertices (V, 3), faces (F, 3) -> (V, 3)."""
-    v = np.asarray(vertices, dtype=np.float64)
-    f = np.asarray(faces)
-    n = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
-    out = np.zeros_like(v)
-    for k in range(3):
-        np.add.at(out, f[:, k], n)
-    norm = np.linalg.norm(out, axis=1, keepdims=True)
-    return out / np.where(norm > 0, norm, 1.0)
+    """Area-weighted unit vertex normals in float64. vertices (V, 3), faces (F, 3) -> (V, 3)."""
+    return _geometry_vertex_normals(np.asarray(vertices, dtype=np.float64), faces)
 
 
 def point_to_surface(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cm3dmm.geometry import vertex_normals
 from cm3dmm.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -85,16 +86,6 @@ def _check_mesh_arrays(vertices: np.ndarray, faces: np.ndarray, lead: int) -> tu
     if not np.isfinite(v).all():
         raise ValueError("vertices contain NaN or infinite values")
     return v, f.astype(np.int64)
-
-
-def _vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
-    """Area-weighted unit vertex normals. v: (V, 3), f: (F, 3) -> (V, 3)."""
-    fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
-    n = np.zeros_like(v)
-    for k in range(3):
-        np.add.at(n, f[:, k], fn)
-    norm = np.linalg.norm(n, axis=1, keepdims=True)
-    return n / np.where(norm > 0, norm, 1.0)
 
 
 @dataclass
@@ -246,7 +237,7 @@ def render_images(
     try:
         for i in range(N):
             pts_view[:] = v[i]
-            nrm_view[:] = _vertex_normals(v[i], f)
+            nrm_view[:] = vertex_normals(v[i], f)
             points.Modified()
             normals.Modified()
             if rgb_view is not None:
