@@ -447,6 +447,31 @@ def _group_energy(fe: torch.Tensor, ei: torch.Tensor, codes: Codes, group: list[
     return e + float(ei[0]) if codes.shared else e
 
 
+def _damping_update(k: int, accepted: bool, mu, nu, done, info, rho: float = 0.0, rel: float = 0.0,
+                    tol: float = 0.0) -> None:
+    """Levenberg-Marquardt damping of group ``k`` after a trial step (Nielsen's rule).
+
+    Accepted: shrink ``mu[k]`` by the gain ratio ``rho`` (actual / predicted decrease), reset
+    ``nu[k]``, and mark the group done when the relative decrease ``rel`` is below ``tol``.
+    Rejected: an undamped (``mu == 0``) step that did not decrease means the minimum up to
+    round-off (done); otherwise grow ``mu[k]`` by ``nu[k]`` and give up ("stalled") past 1e12.
+    """
+    if accepted:
+        mu[k] *= max(1 / 3, 1 - (2 * min(rho, 1.0) - 1) ** 3) if mu[k] > 0 else 1.0
+        nu[k] = 2.0
+        if rel < tol:
+            done[k] = True
+        return
+    if mu[k] == 0:
+        done[k] = True
+        return
+    mu[k] *= nu[k]
+    nu[k] *= 2
+    if mu[k] > 1e12:
+        done[k] = True
+        info.status = "stalled"
+
+
 def solve_lm(prob: _Problem, codes: Codes, max_iter: int, tol: float, free: str = "all",
              damping: float = 1e-3) -> tuple[Codes, SolveInfo]:
     """Levenberg-Marquardt (Nielsen's damping update, Marquardt's diagonal scaling) per group.
@@ -497,19 +522,9 @@ def solve_lm(prob: _Problem, codes: Codes, max_iter: int, tol: float, free: str 
                 rel = (e0 - e1) / max(e0, 1e-300)
                 rho = (e0 - e1) / max(pred_dec, 1e-300)
                 _copy_group(codes, trial, grp)
-                mu[k] *= max(1 / 3, 1 - (2 * min(rho, 1.0) - 1) ** 3) if mu[k] > 0 else 1.0
-                nu[k] = 2.0
-                if rel < tol:
-                    done[k] = True
+                _damping_update(k, True, mu, nu, done, info, rho=rho, rel=rel, tol=tol)
             else:
-                if mu[k] == 0:  # exact step did not decrease: at the minimum up to round-off
-                    done[k] = True
-                    continue
-                mu[k] *= nu[k]
-                nu[k] *= 2
-                if mu[k] > 1e12:
-                    done[k] = True
-                    info.status = "stalled"
+                _damping_update(k, False, mu, nu, done, info)
         ei, _ = prob.prior_energy(codes)
         fe = prob.face_energies(codes)
         info.history.append(float(fe.sum() + (ei[0] if codes.shared else 0)))
@@ -683,19 +698,9 @@ def solve_lm_structured(prob: _Problem, codes: Codes, max_iter: int, tol: float,
                 fe[fk] = fe_t[fk]
                 ei[irow] = ei_t[irow]
                 stale[fk] = True
-                mu[k] *= max(1 / 3, 1 - (2 * min(rho, 1.0) - 1) ** 3) if mu[k] > 0 else 1.0
-                nu[k] = 2.0
-                if rel < tol:
-                    done[k] = True
+                _damping_update(k, True, mu, nu, done, info, rho=rho, rel=rel, tol=tol)
             else:
-                if mu[k] == 0:
-                    done[k] = True
-                    continue
-                mu[k] *= nu[k]
-                nu[k] *= 2
-                if mu[k] > 1e12:
-                    done[k] = True
-                    info.status = "stalled"
+                _damping_update(k, False, mu, nu, done, info)
         info.history.append(float(fe.sum() + (ei[0] if shared else 0)))
         if bool(done.all()):
             if info.status != "stalled":
