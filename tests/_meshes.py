@@ -12,6 +12,17 @@ ICT_MESH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ICT
 ICT_FACE_VERTICES = 9409
 
 
+def axis_rotation(axis: int, deg: float) -> np.ndarray:
+    """(3, 3) rotation by ``deg`` degrees about coordinate axis ``axis`` (0 = x, 1 = y, 2 = z)."""
+    a = np.radians(deg)
+    c, s = np.cos(a), np.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    r = np.eye(3)
+    r[i, i] = r[j, j] = c
+    r[i, j], r[j, i] = -s, s
+    return r
+
+
 def grid_mesh(n: int = 21, size: float = 150.0, bump: float = 30.0):
     """A bumpy square 'face' of n x n vertices (mm), triangles counter-clockwise from +z."""
     c = np.linspace(-1, 1, n)

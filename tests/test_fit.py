@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cm3dmm.config import Config, DecoderConfig, EncoderConfig, FitConfig, ModelConfig
+from cm3dmm.config import DecoderConfig, EncoderConfig, FitConfig, ModelConfig
 from cm3dmm.errors import InputError
+from _meshes import axis_rotation as _rot
 from cm3dmm.fit import Targets, _Problem, Codes, fit_registered, fit_scans, read_scan, resolve_units, run_fit
 from cm3dmm.methods import BilinearFace, CodePrior, NeuralFace, PCAFace
 
@@ -203,16 +204,6 @@ def test_lm_stages_and_budget(neural):
 
 
 # ------------------------------------------------------------------------------------- scans
-def _rot(axis, deg):
-    a = np.radians(deg)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [k for k in range(3) if k != axis]
-    r = np.eye(3)
-    r[i, i] = r[j, j] = c
-    r[i, j], r[j, i] = -s, s
-    return r
-
-
 def _point_cloud(verts, faces, n, rng):
     from cm3dmm.geometry import sample_surface
 

@@ -2,19 +2,10 @@
 
 import numpy as np
 import pytest
+from _meshes import axis_rotation as _rot
 
 from cm3dmm.rigid import (Similarity, align_to_reference, initial_alignments, rotation_angle, trimmed_icp,
                           umeyama)
-
-
-def _rot(axis, deg):
-    a = np.radians(deg)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [k for k in range(3) if k != axis]
-    r = np.eye(3)
-    r[i, i] = r[j, j] = c
-    r[i, j], r[j, i] = -s, s
-    return r
 
 
 def _face(n=25):
