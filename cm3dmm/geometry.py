@@ -8,6 +8,7 @@ Shapes: ``V`` vertices, ``F`` triangles, ``M`` query points.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import NamedTuple
 
@@ -173,27 +174,30 @@ def closest_points_on_mesh(
     faces: np.ndarray,
     k: int = 2,
     max_distance: float | None = None,
-    chunk: int = 65536,
+    chunk: int = 8192,
+    pair_budget: int = 1 << 20,
 ) -> MeshProjection:
     """Exact closest-point projection of points onto a triangle mesh.
 
     points: (M, 3); vertices: (V, 3); faces: (F, 3). Returns :class:`MeshProjection` with
     dist (M,), tri (M,), bary (M, 3), closest (M, 3) in the float dtype of ``points``.
 
-    Candidates come from a KD-tree over triangle centroids (scipy ``cKDTree``):
+    A triangle ``t`` with centroid ``c_t`` and radius ``r_t`` (largest centroid-to-corner
+    distance) is at least ``|p - c_t| - r_t`` away from ``p``. The search uses that bound
+    with KD-trees over triangle centroids (scipy ``cKDTree``):
 
     1. the ``k`` triangles with the nearest centroids give an upper bound ``d0`` on each
        point's distance (exact point-triangle distance, :func:`closest_points_on_triangles`);
-    2. a triangle ``t`` with centroid ``c_t`` and radius ``r_t`` (largest centroid-to-corner
-       distance) is at least ``|p - c_t| - r_t`` away, so among the ``K`` nearest centroids
-       only those with ``|p - c_t| - r_t <= d0`` are evaluated exactly;
-    3. the answer is certified when the K-th centroid is so far that no triangle outside
-       the list can be closer (``|p - c_K| - max r_t >= best``); the rest are redone with
-       twice as many neighbours (up to all triangles). The result equals brute force.
+    2. triangles are grouped into radius classes (factor-2 bins around the median radius),
+       one tree per class. For a class whose largest radius is ``R`` every triangle that can
+       beat the current bound has its centroid within ``bound + R`` of the point: a ball
+       query returns them, those with ``|p - c_t| - r_t > bound`` are dropped and the rest
+       evaluated exactly; the bound tightens class by class (most populated first).
 
-    The (at most 64) triangles far larger than the rest (``r_t`` > 4x the median) are kept
-    out of the tree and evaluated for every point, so a few huge triangles do not inflate
-    the search for all.
+    The per-class radius keeps the balls small when triangle sizes vary (a few large
+    triangles do not widen the search among the many small ones). The result equals brute
+    force. Ball queries are split so that at most ``pair_budget`` candidate pairs are held
+    at once, which bounds memory for points far from the mesh.
 
     ``max_distance``: when given, points farther than this from the mesh get an upper bound
     (> max_distance) instead of their exact distance, which saves work when only points
@@ -212,69 +216,69 @@ def closest_points_on_mesh(
     corners = vertices.astype(np.float64)[faces]  # (F, 3, 3)
     centroids = corners.mean(axis=1)
     radii = np.linalg.norm(corners - centroids[:, None], axis=-1).max(axis=1)  # (F,)
+    n_tri = len(faces)
+    k = min(k, n_tri)
+    nearest = cKDTree(centroids)
 
-    big = np.zeros(len(faces), bool)
-    if len(faces) > 1:
-        cand_big = np.flatnonzero(radii > 4.0 * np.median(radii))
-        big[cand_big[np.argsort(radii[cand_big])[::-1][:64]]] = True
-    small_ids = np.flatnonzero(~big)
-    big_ids = np.flatnonzero(big)
-    ns = len(small_ids)
-    tree = cKDTree(centroids[small_ids])
-    r_small = float(radii[small_ids].max())
-    k = min(k, ns)
-
-    dist = np.empty(M)
-    tri = np.empty(M, np.int64)
-    bary = np.empty((M, 3))
+    # radius classes: bin j holds radii in (med 2^(j-1), med 2^j]; everything <= med/4 in one bin
+    med = float(np.median(radii))
+    if med > 0:
+        with np.errstate(divide="ignore"):
+            j = np.ceil(np.log2(np.maximum(radii, 1e-300) / med))
+        j = np.clip(j, -2, 60).astype(np.int64)
+    else:
+        j = np.zeros(n_tri, np.int64)
+    classes = []
+    for c in np.unique(j):
+        ids = np.flatnonzero(j == c)
+        classes.append((ids, cKDTree(centroids[ids]), float(radii[ids].max())))
+    classes.sort(key=lambda c: -len(c[0]))
 
     def exact(p, t):  # p (n, 3) or (n, 1, 3); t (n,) or (n, m) triangle ids
         tc = corners[t]
         q, bc = closest_points_on_triangles(p, tc[..., 0, :], tc[..., 1, :], tc[..., 2, :])
         return np.linalg.norm(q - p, axis=-1), bc
 
-    todo = np.arange(M)
-    K = min(max(8, 2 * k), ns)
-    while len(todo):
-        rest = []
-        for s in range(0, len(todo), chunk):
-            idx = todo[s:s + chunk]
-            p = pts[idx].astype(np.float64)
-            n = len(idx)
-            r = np.arange(n)
-            cd, cand = tree.query(p, k=K)
-            cd = np.asarray(cd).reshape(n, K)
-            cand = small_ids[np.asarray(cand).reshape(n, K)]
-            # 1. upper bound from the k nearest centroids and the big triangles
-            first = cand[:, :k]
-            if len(big_ids):
-                first = np.concatenate([first, np.broadcast_to(big_ids, (n, len(big_ids)))], axis=1)
-            d, bc = exact(p[:, None, :], first)
-            j = d.argmin(axis=1)
-            best, best_t, best_b = d[r, j], first[r, j], bc[r, j]
+    dist = np.empty(M)
+    tri = np.empty(M, np.int64)
+    bary = np.empty((M, 3))
+    for s in range(0, M, chunk):
+        p = pts[s:s + chunk].astype(np.float64)
+        n = len(p)
+        r = np.arange(n)
+        # 1. upper bound from the k nearest centroids
+        _, first = nearest.query(p, k=k)
+        first = np.asarray(first).reshape(n, k)
+        d, bc = exact(p[:, None, :], first)
+        jmin = d.argmin(axis=1)
+        best, best_t, best_b = d[r, jmin], first[r, jmin], bc[r, jmin]
+        # 2. per radius class: every triangle whose bound does not exclude it
+        for ids, tree, rc in classes:
             reach = best if max_distance is None else np.minimum(best, max_distance)
-            # 2. the other neighbours that could be closer
-            cd2, cand2 = cd[:, k:], cand[:, k:]
-            maybe = cd2 - radii[cand2] <= reach[:, None]
-            pi, ci = np.nonzero(maybe)
-            if len(pi):
-                ti = cand2[pi, ci]
-                d, bc = exact(p[pi], ti)
-                dmin = best.copy()
-                np.minimum.at(dmin, pi, d)
-                win = (d <= dmin[pi]) & (d < best[pi])
-                best_t[pi[win]] = ti[win]
-                best_b[pi[win]] = bc[win]
-                best = dmin
-                reach = best if max_distance is None else np.minimum(best, max_distance)
-            # 3. certified: nothing outside the K neighbours can be closer
-            done = (cd[:, -1] - r_small >= reach) | (K >= ns)
-            dist[idx[done]], tri[idx[done]], bary[idx[done]] = best[done], best_t[done], best_b[done]
-            rest.append(idx[~done])
-        todo = np.concatenate(rest)
-        if len(todo):
-            log.debug("closest_points_on_mesh: %d points need more than %d neighbours", len(todo), K)
-            K = min(2 * K, ns)
+            counts = tree.query_ball_point(p, reach + rc, return_length=True)
+            cum = np.cumsum(counts)
+            lo = 0
+            while lo < n:
+                base = int(cum[lo - 1]) if lo else 0
+                hi = max(int(np.searchsorted(cum, base + pair_budget, side="right")), lo + 1)
+                hi = min(hi, n)
+                lists = tree.query_ball_point(p[lo:hi], reach[lo:hi] + rc, return_sorted=False)
+                lens = np.fromiter(map(len, lists), np.intp, count=hi - lo)
+                total = int(lens.sum())
+                if total:
+                    pi = np.repeat(np.arange(lo, hi), lens)
+                    ti = ids[np.fromiter(itertools.chain.from_iterable(lists), np.intp, count=total)]
+                    keep = np.linalg.norm(p[pi] - centroids[ti], axis=1) - radii[ti] <= reach[pi]
+                    pi, ti = pi[keep], ti[keep]
+                    if len(pi):
+                        dd, bb = exact(p[pi], ti)
+                        # pi is grouped by point: the first minimum of each group
+                        order = np.lexsort((dd, pi))
+                        head = order[np.flatnonzero(np.r_[True, pi[order][1:] != pi[order][:-1]])]
+                        win = head[dd[head] < best[pi[head]]]
+                        best[pi[win]], best_t[pi[win]], best_b[pi[win]] = dd[win], ti[win], bb[win]
+                lo = hi
+        dist[s:s + n], tri[s:s + n], bary[s:s + n] = best, best_t, best_b
     closest = np.einsum("mk,mki->mi", bary, corners[tri])
     return MeshProjection(
         dist.astype(out_dtype), tri, bary.astype(out_dtype), closest.astype(out_dtype)
