@@ -10,8 +10,11 @@ Figures (file names: :data:`cm3dmm.paths.FIGURES`):
 * ``interp_identity`` / ``interp_expression`` — linear interpolation of identity codes (two
   training subjects, same expression code) and of expression codes (one subject, neutral to its
   most different expression), for the methods with an identity/expression split (cm3dmm, bilinear);
-* ``random_faces`` — faces sampled from each method's code distribution (per-dimension Gaussian
-  with the code statistics stored in ``model.pt``), fixed seed;
+* ``random_faces`` — faces sampled from each method's code distribution: a Gaussian with the full
+  covariance of each model's training codes (identity and expression codes as two separate
+  Gaussians, :func:`sample_codes`), fixed seed. Unlike per-dimension sampling, it keeps the
+  correlations between code dimensions and stays on the affine span of the training codes when they
+  span fewer dimensions than the code size (e.g. a few training subjects in a 64-D identity space);
 * ``error_maps`` — per-vertex error of each method, mean over every face of every test subject
   (the fit stage's ``vertex_errors``), on the mean face, one shared colour scale (mm);
 * ``loss_curves`` — training distance and validation error of every trained continuous model;
@@ -40,7 +43,7 @@ STEPS = 6
 #: Random faces per method
 N_RANDOM = 6
 
-__all__ = ["run_figures", "FIGURES"]
+__all__ = ["run_figures", "sample_codes", "FIGURES"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -255,6 +258,58 @@ def fig_interpolation(run: _Run, path: Path, kind: str) -> Path:
                     f"{kind} interpolation (linear in code space)\n{desc}")
 
 
+def sample_codes(codes: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` draws (n, D) from the Gaussian with the empirical mean and full covariance (ddof 1)
+    of the code table ``codes`` (K, D), one row per training code.
+
+    Drawn as ``mean + z S V^T / sqrt(K - 1)`` from the thin SVD ``U S V^T`` of the centred codes
+    (``z`` standard normal): the square root of the covariance without forming it, exact for a
+    rank-deficient covariance (K <= D, or codes on a lower-dimensional subspace), whose samples
+    then stay on the affine span of the training codes. K = 1: every draw is that code.
+    """
+    c = np.asarray(codes, dtype=np.float64)
+    if c.ndim != 2 or len(c) < 1:
+        raise ValueError(f"codes must have shape (K >= 1, D), got {c.shape}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    k, d = c.shape
+    mean = c.mean(axis=0)
+    if d == 0 or k < 2:
+        return np.broadcast_to(mean, (n, d)).copy()
+    _, sv, vt = np.linalg.svd(c - mean, full_matrices=False)  # (r,), (r, D), r = min(K, D)
+    factor = (sv / np.sqrt(k - 1))[:, None] * vt  # factor^T factor = covariance
+    return mean + rng.standard_normal((n, len(sv))) @ factor
+
+
+def _training_codes(run: _Run, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """The training code tables (identity (K_id, Di), expression (K_exp, De)) of a method, one
+    row per learned code: cm3dmm's code tables, pca's training-face codes (no expression block),
+    bilinear's identity / expression weights."""
+    fm = run.models[method]
+    if method == "cm3dmm":
+        from cm3dmm.model import load_model
+
+        _, extra = load_model(run.paths.model(method))
+        tables = extra.get("codes") if isinstance(extra, dict) else None
+        if not tables or "id" not in tables or "exp" not in tables:
+            raise InputError("model file has no training code tables (extra['codes'])", run.paths.model(method))
+        zi, ze = np.asarray(tables["id"], np.float64), np.asarray(tables["exp"], np.float64)
+    else:
+        from cm3dmm.baselines import load_baseline
+
+        base = load_baseline(run.paths.model(method))
+        if base.method == "pca":
+            zi = np.asarray(base.train_codes, np.float64)
+            ze = np.zeros((len(zi), 0))
+        else:
+            zi, ze = np.asarray(base.id_weights, np.float64), np.asarray(base.exp_weights, np.float64)
+    for name, z, dim in (("identity", zi, fm.id_dim), ("expression", ze, fm.exp_dim)):
+        if z.ndim != 2 or len(z) < 1 or z.shape[1] != dim:
+            raise InputError(f"the {method} model's {name} training codes have shape {z.shape}, "
+                             f"expected (K >= 1, {dim})", run.paths.model(method))
+    return zi, ze
+
+
 def fig_random(run: _Run, path: Path, seed: int = 0) -> Path:
     from cm3dmm.render import render_grid
 
@@ -262,13 +317,15 @@ def fig_random(run: _Run, path: Path, seed: int = 0) -> Path:
     for k, m in enumerate(run.methods):
         fm = run.models[m]
         g = np.random.default_rng([seed, k])
-        zi = fm.id_prior.mean.numpy() + g.standard_normal((N_RANDOM, fm.id_dim)) * fm.id_prior.std.numpy()
-        ze = fm.exp_prior.mean.numpy() + g.standard_normal((N_RANDOM, fm.exp_dim)) * fm.exp_prior.std.numpy()
+        id_codes, exp_codes = _training_codes(run, m)
+        zi = sample_codes(id_codes, N_RANDOM, g)
+        ze = sample_codes(exp_codes, N_RANDOM, g)
         v, _ = fm.mesh(_torch(zi, fm), _torch(ze, fm), 0)
         rows.append(np.asarray(v, np.float64))
     render_grid(np.stack(rows), run.template.faces, path, row_labels=list(run.methods),
                 col_labels=[f"sample {i + 1}" for i in range(N_RANDOM)], size=CELL,
-                title=f"random faces: codes ~ N(mean, std) of each model's training codes (seed {seed})")
+                title=f"random faces: codes ~ Gaussian with the full covariance of each model's training codes "
+                      f"(identity, expression separately; seed {seed})")
     return path
 
 
