@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train-upsampling", "train the continuous model on a fraction of the template's vertices "
             "(semantic-upsampling experiment) -> models/cm3dmm_frac{F}/model.pt", "subset", "run_train_upsampling")
     p.add_argument("--fraction", dest="x_fraction", required=True, help="fraction of vertices kept, in (0, 1]")
+    p = add("train-size", "train the continuous model at another code size (reconstruction table) "
+            "-> models/cm3dmm_dim{N}/model.pt", "train", "run_train_size")
+    p.add_argument("--dim", dest="x_dim", required=True, help="code size id_dim + exp_dim")
     add("evaluate", "metrics + tables -> tables/", "evaluate", "run_evaluate")
     add("figures", "figures -> figures/", "figures", "run_figures")
     return parser

@@ -180,6 +180,9 @@ class BaselineConfig:
     pca_dims: list[int] = field(default_factory=lambda: [32, 64])  #: extra sizes for the tables
     bilinear_id: int = 50
     bilinear_exp: int = 52
+    #: extra identity sizes of the bilinear model for the reconstruction table (expression size
+    #: stays bilinear_exp; each is fitted in the evaluate stage)
+    bilinear_dims: list[int] = field(default_factory=lambda: [10, 25])
 
 
 @dataclass
@@ -190,6 +193,10 @@ class EvaluateConfig:
     upsampling_fractions: list[float] = field(default_factory=lambda: [0.0625, 0.25, 1.0])
     upsampling_steps: int = 1000  #: training steps for the upsampling models (0 = train.steps)
     upsampling_subjects: int = 4  #: test subjects of the upsampling experiment (spread evenly; 0 = all)
+    #: extra code sizes (id_dim + exp_dim, split in the main model's proportion) of the continuous
+    #: model for the reconstruction table: one model each, trained like the main one
+    model_dims: list[int] = field(default_factory=lambda: [32, 64])
+    model_dims_steps: int = 0  #: training steps of the model_dims models (0 = train.steps)
     figures: bool = True
     train_subjects: int = 2  #: training subjects fitted for representation power (spread evenly; 0 = none)
     surface_faces: int = 10  #: faces per method and split that get CD / NC / F (spread evenly; 0 = all)
@@ -244,7 +251,10 @@ _NONNEGATIVE = {
     "fit.points", "fit.polish_iters", "fit.scan_points", "fit.coarse_points", "fit.coarse_iters", "fit.damping",
     "train.threads", "train.val_faces", "baselines.pca_dim", "evaluate.upsampling_steps", "data.preview_subjects",
     "evaluate.train_subjects", "evaluate.surface_faces", "evaluate.timing_repeats", "evaluate.upsampling_subjects",
+    "evaluate.model_dims_steps",
 }
+#: lists whose items must be at least this
+_LIST_MIN = {"baselines.pca_dims": 1, "baselines.bilinear_dims": 1, "evaluate.model_dims": 2}
 _FRACTIONS = {"data.split.test_fraction", "fit.trim", "data.anny.expression_variation",
               "data.ict.expression_variation"}
 
@@ -258,6 +268,8 @@ def _check_value(key: str, value: Any) -> None:
         raise InputError(f"{key}: must be >= 0, got {value!r}")
     if key in _FRACTIONS and not 0 <= value < 1:
         raise InputError(f"{key}: must be in [0, 1), got {value!r}")
+    if key in _LIST_MIN and any(v < _LIST_MIN[key] for v in value):
+        raise InputError(f"{key}: every size must be >= {_LIST_MIN[key]}, got {value!r}")
 
 
 def _convert(key: str, tp: Any, value: Any) -> Any:

@@ -430,6 +430,7 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
                 sc = score_faces(pv, fs.vertices, ctx.faces, surface_idx=sidx, **kw)
                 lc = {lv: sc.chamfer for lv in ctx.levels if lv > 0}
                 rows.append(_recon_row(split, "pca", d, sc, ctx, note, lc))
+    rows += _other_sizes(ctx, facts, sidx_test, sidx_train)
     recon = pd.DataFrame(rows)
     order = {"test": 0, "train": 1}
     morder = {m: i for i, m in enumerate(ctx.methods)}
@@ -446,6 +447,74 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
         sweep[f"train {COL_VE}"] = pca_sweep(full, ctx.train.vertices, dims, reg)
         sweep[f"train {COL_VE}, no prior"] = pca_sweep(full, ctx.train.vertices, dims, 0.0)
     return recon, pd.DataFrame(region_rows), pd.DataFrame(sweep)
+
+
+def _other_sizes(ctx: _Ctx, facts: dict, sidx_test, sidx_train) -> list[dict]:
+    """Reconstruction rows of the continuous model at ``evaluate.model_dims`` (its own trained
+    models) and of the bilinear model at ``baselines.bilinear_dims`` identity sizes (built here
+    from the training faces), each fitted here with the fit stage's fitter."""
+    from cm3dmm.baselines import fit_bilinear
+    from cm3dmm.methods import baseline_face, load_method
+    from cm3dmm.train import extra_model_dims, size_config, size_method
+
+    rows = []
+    kw = ctx.kw()
+    splits = [("test", ctx.test, sidx_test)] + ([("train", ctx.train, sidx_train)] if ctx.train is not None else [])
+
+    def add(method, fm, note, level_of):
+        for split, fs, sidx in splits:
+            zi, ze, pv, _ = _fit_faces(fm, fs, ctx.cfg.fit)
+            sc = score_faces(pv, fs.vertices, ctx.faces, surface_idx=sidx, **kw)
+            rows.append(_recon_row(split, method, _dim(fm), sc, ctx, note, level_of(zi, ze, fs, sidx, sc)))
+
+    for d in extra_model_dims(ctx.cfg):
+        path = ctx.paths.model(size_method(d))
+        fm = load_method(path, template=ctx.template, expect="cm3dmm")
+        if _dim(fm) != d or fm.n_vertices != ctx.template.n_vertices:
+            raise InputError(f"holds a model of code size {_dim(fm)} over {fm.n_vertices} vertices, expected "
+                             f"{d} over {ctx.template.n_vertices}: retrain it (rule train_size)", path)
+        steps = size_config(ctx.cfg, d).train.steps
+        add("cm3dmm", fm, f"fitted here; trained {steps} steps",
+            lambda zi, ze, fs, sidx, sc, fm=fm: _level_chamfer(ctx, fm, "cm3dmm", zi, ze, fs, sidx, sc))
+    facts["model_dims"] = extra_model_dims(ctx.cfg)
+
+    facts["bilinear_dims"] = []
+    if "bilinear" in ctx.methods and ctx.cfg.baselines.bilinear_dims:
+        bc = ctx.cfg.baselines
+        seen = {_dim(ctx.model("bilinear"))}
+        for n_id in sorted(set(bc.bilinear_dims)):
+            base = fit_bilinear(ctx.train_vertices, ctx.train_subject, ctx.train_expression, ctx.faces,
+                                n_id, bc.bilinear_exp)
+            bfm = baseline_face(base, ctx.template)
+            if _dim(bfm) in seen:  # capped at the data's identity rank: the same model again
+                continue
+            seen.add(_dim(bfm))
+            facts["bilinear_dims"].append([int(bfm.id_dim), int(bfm.exp_dim)])
+            add("bilinear", bfm, f"fitted here; {bfm.id_dim} x {bfm.exp_dim}",
+                lambda zi, ze, fs, sidx, sc: {lv: sc.chamfer for lv in ctx.levels if lv > 0})
+    return rows
+
+
+def _sizes_text(cfg, facts: dict) -> str:
+    from cm3dmm.train import size_config
+
+    parts = []
+    dims = facts.get("model_dims") or []
+    if dims:
+        parts.append(
+            "- The continuous model at other code sizes (`evaluate.model_dims`): one model per size, trained "
+            "on the same cache with the main model's settings except its code sizes (identity + expression "
+            "split in the main model's proportion) and its steps: "
+            + ", ".join(f"{d} ({size_config(cfg, d).model.id_dim} + {size_config(cfg, d).model.exp_dim}, "
+                        f"{size_config(cfg, d).train.steps} steps)" for d in dims)
+            + f" against the main model's {cfg.train.steps}; fitted here like the training subset.")
+    bil = facts.get("bilinear_dims") or []
+    if bil:
+        parts.append(
+            "- The bilinear model at other identity sizes (`baselines.bilinear_dims`): built here from the "
+            "training faces with the same Tucker fit as rule `train_baseline` ("
+            + ", ".join(f"{i} x {e}" for i, e in bil) + " identity x expression) and fitted here.")
+    return "\n".join(parts)
 
 
 def _level_chamfer(ctx: _Ctx, fm, method: str, zi, ze, fs: FaceSet, sidx, s0: Scores) -> dict[int, float]:
@@ -631,6 +700,7 @@ def _protocol(ctx: _Ctx, facts: dict) -> str:
            f", objective `fit.loss = {getattr(fc, 'loss', '')}`."),
         "- PCA sizes other than the trained one are truncations of one exact PCA of all training faces "
         "(`cm3dmm.baselines.fit_pca`); a requested size above the rank is reported at the rank.",
+        _sizes_text(ctx.cfg, facts),
         "",
         "## Metrics (`cm3dmm.metrics`)",
         "- **mean vertex error**: per face the mean Euclidean distance between corresponding vertices of fit "

@@ -181,11 +181,12 @@ class VertexSubsetCache:
     Each face has a fixed permutation of its K kept vertices (``default_rng([seed, face])``);
     ``read(faces, n_vertex, n_continuous, offset)`` returns ``min(n_vertex, K)`` consecutive
     entries of it from ``offset`` (wrapping around) and never a continuous sample;
-    ``heldout(faces)`` returns all K kept vertices (validation sees no unseen vertex).
+    ``heldout(faces)`` returns the same ``min(K, max_heldout)`` kept vertices for every face
+    (spread evenly over the kept list; validation sees no unseen vertex).
     """
 
     def __init__(self, vertices: np.ndarray, coarse: Coarse, subject: list[str], expression: list[str],
-                 seed: int = 0, path: Path | None = None):
+                 seed: int = 0, path: Path | None = None, max_heldout: int = 2048):
         v = np.asarray(vertices, np.float32)
         if v.ndim != 3 or len(v) != len(subject) or len(subject) != len(expression):
             raise ValueError(f"vertices (S, V, 3) and S subjects / expressions expected, got {v.shape}, "
@@ -197,6 +198,7 @@ class VertexSubsetCache:
         self.expression = list(expression)
         self.path = path
         k = len(coarse.kept)
+        self.val_idx = np.unique(np.linspace(0, k - 1, min(k, max(1, int(max_heldout)))).round().astype(np.int64))
         self.order = np.stack([np.random.default_rng([int(seed), i]).permutation(k) for i in range(len(v))])
         h = hashlib.sha256(self.target.tobytes())
         h.update(self.uv.tobytes())
@@ -217,8 +219,9 @@ class VertexSubsetCache:
     def heldout(self, faces) -> dict[str, np.ndarray]:
         faces = np.asarray(faces, np.int64)
         b = len(faces)
-        return {"uv": np.broadcast_to(self.uv, (b,) + self.uv.shape).copy(), "target": self.target[faces],
-                "avg": np.broadcast_to(self.avg, (b,) + self.avg.shape).copy()}
+        uv, avg = self.uv[self.val_idx], self.avg[self.val_idx]
+        return {"uv": np.broadcast_to(uv, (b,) + uv.shape).copy(), "target": self.target[faces][:, self.val_idx],
+                "avg": np.broadcast_to(avg, (b,) + avg.shape).copy()}
 
 
 def upsampling_config(cfg):

@@ -26,7 +26,7 @@ def tiny_run(tmp_path_factory):
     from cm3dmm.registered import write_registered
     from cm3dmm.subset import run_train_upsampling
     from cm3dmm.template import run_template
-    from cm3dmm.train import run_train
+    from cm3dmm.train import extra_model_dims, run_train, run_train_size
 
     root = tmp_path_factory.mktemp("evalrun")
     cfg = config_from_dict({
@@ -39,9 +39,11 @@ def tiny_run(tmp_path_factory):
         "train": {"steps": 4, "batch_faces": 2, "vertex_points": 30, "continuous_points": 10,
                   "checkpoint_every": 4, "validate_every": 2, "threads": 1, "log_every": 1},
         "fit": {"max_iter": 3, "points": 0},
-        "baselines": {"methods": ["pca", "bilinear"], "pca_dims": [2, 99], "bilinear_id": 2, "bilinear_exp": 2},
+        "baselines": {"methods": ["pca", "bilinear"], "pca_dims": [2, 99], "bilinear_id": 2, "bilinear_exp": 2,
+                      "bilinear_dims": [1, 2]},
         "evaluate": {"levels": [0, 1], "chamfer_points": 150, "train_subjects": 2, "surface_faces": 0,
-                     "upsampling_fractions": [0.5, 1.0], "upsampling_steps": 2, "timing_repeats": 1},
+                     "upsampling_fractions": [0.5, 1.0], "upsampling_steps": 2, "timing_repeats": 1,
+                     "model_dims": [4, 6], "model_dims_steps": 3},
     })
     data = make_registered(n_subjects=5, n_expr=3, grid=7, test_subjects=1)
     paths = RunPaths.of(cfg.run_dir)
@@ -53,6 +55,8 @@ def tiny_run(tmp_path_factory):
         run_train_baseline(cfg, m)
     for f in cfg.evaluate.upsampling_fractions:
         run_train_upsampling(cfg, f)
+    for d in extra_model_dims(cfg):
+        run_train_size(cfg, d)
     for m in ("cm3dmm", "pca", "bilinear"):
         for s in data.subjects("test"):
             run_fit(cfg, method=m, subject=s)
@@ -103,7 +107,7 @@ def test_test_rows_equal_direct_metrics(tiny_run):
         # baselines are piecewise linear on the template: the level-1 surface is the level-0 one
         if method != "cm3dmm":
             assert row["CD L1 (mm)"] == row["CD (mm)"]
-    cm = _row(rec, Split="test", Method="cm3dmm")
+    cm = _row(rec, Split="test", Method="cm3dmm", Dim=6)
     assert np.isfinite(cm["CD L1 (mm)"]) and cm["CD L1 (mm)"] > 0
 
 
@@ -120,7 +124,56 @@ def test_level_chamfer_of_the_continuous_model(tiny_run):
     target = data.vertices[data.indices("test")].astype(np.float64)
     cd = np.mean([metrics.surface_metrics(v[b], f, target[b], data.faces, n_points=150, seed=0).chamfer
                   for b in range(len(v))])
-    assert _row(ev.tables["reconstruction"], Split="test", Method="cm3dmm")["CD L1 (mm)"] == pytest.approx(cd, rel=1e-6)
+    assert _row(ev.tables["reconstruction"], Split="test", Method="cm3dmm", Dim=6)["CD L1 (mm)"] == pytest.approx(cd, rel=1e-6)
+
+
+def test_other_code_sizes(tiny_run):
+    """evaluate.model_dims: the continuous model of size 4 (its own training, 3 steps) fitted with
+    the fit stage's fitter; baselines.bilinear_dims: a 1 x 2 bilinear model built here (size 2 is
+    the main bilinear model and not repeated)."""
+    from cm3dmm.baselines import fit_bilinear
+    from cm3dmm.evaluate import FaceSet, _fit_faces
+    from cm3dmm.methods import baseline_face, load_method
+    from cm3dmm.template import load_template
+    from cm3dmm.train import extra_model_dims, size_config, size_method
+
+    cfg, paths, data, ev = tiny_run
+    rec = ev.tables["reconstruction"]
+    assert extra_model_dims(cfg) == [4]
+    sc = size_config(cfg, 4)
+    assert (sc.model.id_dim, sc.model.exp_dim, sc.train.steps) == (2, 2, 3)
+    fm = load_method(paths.model(size_method(4)))
+    assert (fm.id_dim, fm.exp_dim) == (2, 2)
+    test_idx = data.indices("test")
+    target = data.vertices[test_idx].astype(np.float64)
+    fs = FaceSet.of(data, data.subjects("test"))
+    pred = _fit_faces(fm, fs, cfg.fit)[2]
+    for split in ("test", "train"):
+        row = _row(rec, Split=split, Method="cm3dmm", Dim=4)
+        assert "3 steps" in row["Note"] and np.isfinite(row["CD L1 (mm)"])
+    assert _row(rec, Split="test", Method="cm3dmm", Dim=4)["mean vertex error (mm)"] == pytest.approx(
+        metrics.vertex_error(pred, target).mean_all, rel=1e-9)
+    # bilinear 1 x 2: the same numbers as building and fitting it directly
+    tr = data.indices("train")
+    base = fit_bilinear(data.vertices[tr].astype(np.float64), [data.subject[i] for i in tr],
+                        [data.expression[i] for i in tr], data.faces, 1, 2)
+    bfm = baseline_face(base, load_template(paths.template))
+    pred_b = _fit_faces(bfm, fs, cfg.fit)[2]
+    row = _row(rec, Split="test", Method="bilinear", Dim=3)
+    assert row["mean vertex error (mm)"] == pytest.approx(metrics.vertex_error(pred_b, target).mean_all, rel=1e-9)
+    assert row["CD L1 (mm)"] == row["CD (mm)"]
+    assert ((rec["Method"] == "bilinear") & (rec["Dim"] == 4)).sum() == 2  # main model only (test, train)
+    text = paths.protocol.read_text()
+    assert "4 (2 + 2, 3 steps)" in text and "(1 x 2 identity x expression)" in text
+
+
+def test_size_options_are_validated():
+    from cm3dmm.errors import InputError
+
+    with pytest.raises(InputError, match="evaluate.model_dims: every size must be >= 2"):
+        config_from_dict({"evaluate": {"model_dims": [1]}})
+    with pytest.raises(InputError, match="baselines.bilinear_dims: every size must be >= 1"):
+        config_from_dict({"baselines": {"bilinear_dims": [0]}})
 
 
 def test_pca_exact_at_the_rank_on_training_faces(tiny_run):
@@ -226,3 +279,30 @@ def test_figures_are_real_pngs(tiny_run):
         img = np.asarray(Image.open(p).convert("RGB"))
         assert img.shape[0] > 100 and img.shape[1] > 200, name
         assert img.std() > 5, name  # not blank
+
+
+
+def test_vertex_subset_cache_reads_and_validation_subset(tiny_run):
+    """The upsampling models' training data: reads cycle through each face's own permutation of
+    the kept vertices; validation uses one fixed evenly spread subset of at most max_heldout."""
+    from cm3dmm.subset import VertexSubsetCache, make_coarse
+    from cm3dmm.template import load_template
+
+    cfg, paths, data, ev = tiny_run
+    coarse = make_coarse(load_template(paths.template), 1.0)
+    tr = data.indices("train")
+    v = data.vertices[tr]
+    args = (v, coarse, [data.subject[i] for i in tr], [data.expression[i] for i in tr])
+    k = coarse.n_kept
+    full = VertexSubsetCache(*args)
+    h = full.heldout([0, 2])
+    assert h["uv"].shape == (2, k, 2)  # k < 2048: every kept vertex
+    np.testing.assert_array_equal(h["target"][1], v[2][coarse.kept])
+    few = VertexSubsetCache(*args, max_heldout=5)
+    h = few.heldout([1])
+    idx = np.linspace(0, k - 1, 5).round().astype(int)
+    np.testing.assert_array_equal(h["target"][0], v[1][coarse.kept][idx])
+    np.testing.assert_array_equal(h["uv"][0], np.asarray(coarse.template.uv, np.float32)[idx])
+    # a full cycle of reads visits every kept vertex of a face exactly once
+    seen = np.concatenate([few.read([1], 7, offset=o)["target"][0] for o in range(0, k, 7)])[:k]
+    assert len(np.unique(seen.round(5), axis=0)) == len(np.unique(v[1][coarse.kept].round(5), axis=0))

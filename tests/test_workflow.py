@@ -45,8 +45,14 @@ def test_test_config_end_to_end(tmp_path):
     assert np.isfinite(num.to_numpy()).all()
     assert (rec["mean vertex error (mm)"] > 0).all()
     from cm3dmm.config import load_config
+    from cm3dmm.train import extra_model_dims
 
     cfg = load_config(REPO / "config" / "test.yaml")
+    main_dim = cfg.model.id_dim + cfg.model.exp_dim
+    assert extra_model_dims(cfg)  # the test config exercises rule train_size
+    for split in ("test", "train"):
+        got = rec[(rec["Method"] == "cm3dmm") & (rec["Split"] == split)]["Dim"]
+        assert sorted(got) == sorted([main_dim] + extra_model_dims(cfg)), (split, list(got))
     up = pd.read_csv(root / "tables" / "upsampling.csv")
     n_rows = len(cfg.evaluate.upsampling_fractions) * (len(cfg.baselines.methods) + 2)
     assert np.isfinite(up["error, all vertices (mm)"]).all() and len(up) == n_rows

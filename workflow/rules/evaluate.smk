@@ -2,15 +2,19 @@
 #
 #   train_upsampling  the continuous model trained on a fraction of the template's vertices
 #                     (one job per evaluate.upsampling_fractions entry) -> models/cm3dmm_frac{f}/
+#   train_size        the continuous model at another code size (one job per evaluate.model_dims
+#                     entry other than the main model's) -> models/cm3dmm_dim{n}/
 #   evaluate          every method's fits and models -> tables/*.csv|md|tex|html, protocol.md|html
 #   figures           rendered with cm3dmm.render -> figures/*.png
 #
 # Every table (as HTML), the protocol and every figure go into `snakemake --report`.
 from cm3dmm.paths import FIGURES, TABLES
 from cm3dmm.subset import fraction_method, fraction_tag
+from cm3dmm.train import extra_model_dims, size_method
 
 UPSAMPLING_METHODS = [fraction_method(f) for f in CFG.evaluate.upsampling_fractions]
 UPSAMPLING_MODELS = [str(P.model(m)) for m in UPSAMPLING_METHODS]
+SIZE_MODELS = [str(P.model(size_method(d))) for d in extra_model_dims(CFG)]
 # captions: workflow/report/table_{name}.rst and fig_{name}.rst
 _TABLE_CATEGORY = "5. Tables"
 _FIGURE_CATEGORY = "6. Figures"
@@ -34,6 +38,23 @@ rule train_upsampling:
         "--fraction {wildcards.frac}"
 
 
+rule train_size:
+    input:
+        train=str(P.cache("train")),
+        template=str(P.template),
+    output:
+        model=str(P.model("cm3dmm_dim{dim}")),
+        log=str(P.train_log("cm3dmm_dim{dim}")),
+        loss=str(P.loss_png("cm3dmm_dim{dim}")),
+    wildcard_constraints:
+        dim=r"[0-9]+",
+    params:
+        cfg=CFG_JSON,
+    threads: 1  # like the upsampling models: several run side by side
+    shell:
+        "{CLI} train-size --config-json {params.cfg:q} --set train.threads={threads} --dim {wildcards.dim}"
+
+
 def _table_outputs():
     out = {}
     for name in TABLES:
@@ -53,6 +74,7 @@ rule evaluate:
         fits=fit_outputs,
         models=[str(P.model(m)) for m in METHODS],
         upsampling=UPSAMPLING_MODELS,
+        sizes=SIZE_MODELS,
         registered=str(P.registered),
         template=str(P.template),
     output:
