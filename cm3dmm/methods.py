@@ -300,24 +300,48 @@ class BilinearFace(FaceModel):
         self.levels = list(levels or [])
 
     def context(self, vertex_ids=None):
-        if vertex_ids is None:
-            return self.core
-        return self.core[:, :, torch.as_tensor(np.asarray(vertex_ids, np.int64))]
+        core = self.core if vertex_ids is None else \
+            self.core[:, :, torch.as_tensor(np.asarray(vertex_ids, np.int64))]
+        return _BilinearContext(core)
 
     @staticmethod
     def _aug(z):
         return torch.cat([torch.ones_like(z[:, :1]), z], 1)
 
     def decode(self, ctx, z_id, z_exp):
+        ctx = ctx if isinstance(ctx, _BilinearContext) else _BilinearContext(ctx)
         a, b = self._aug(z_id.to(ctx.dtype)), self._aug(z_exp.to(ctx.dtype))
-        return torch.einsum("bi,bj,ijmc->bmc", a, b, ctx)
+        w = ctx.contract_exp(b)  # (B, Di + 1, M * 3)
+        return torch.bmm(a[:, None, :], w)[:, 0].view(len(a), -1, 3)
 
     def jacobian(self, ctx, z_id, z_exp):
+        """Closed form: two matrix products with the core (no per-face einsum over both codes).
+
+        ``d x / d z_id[i] = sum_j b_j core[1 + i, j]`` and ``d x / d z_exp[j] = sum_i a_i core[i, 1 + j]``
+        with ``a = [1, z_id]``, ``b = [1, z_exp]``; ``x = sum_i a_i (d x / d a_i)``.
+        """
+        ctx = ctx if isinstance(ctx, _BilinearContext) else _BilinearContext(ctx)
         a, b = self._aug(z_id.to(ctx.dtype)), self._aug(z_exp.to(ctx.dtype))
-        ja = torch.einsum("bj,ijmc->bmci", b, ctx[1:])  # d x / d z_id
-        jb = torch.einsum("bi,ijmc->bmcj", a, ctx[:, 1:])  # d x / d z_exp
-        out = torch.einsum("bi,bmci->bmc", a[:, 1:], ja) + torch.einsum("bj,jmc->bmc", b, ctx[0])
-        return out, torch.cat([ja, jb], -1)
+        n, m = len(a), ctx.core.shape[2]
+        w = ctx.contract_exp(b)  # (B, Di + 1, M * 3)
+        v = (a @ ctx.core.reshape(ctx.core.shape[0], -1)).view(n, ctx.core.shape[1], -1)  # (B, De + 1, M * 3)
+        x = torch.bmm(a[:, None, :], w)[:, 0].view(n, m, 3)
+        jac = torch.cat([w[:, 1:], v[:, 1:]], 1)  # (B, D, M * 3)
+        return x, jac.view(n, -1, m, 3).permute(0, 2, 3, 1)  # (B, M, 3, D) view
+
+
+class _BilinearContext:
+    """The bilinear core at a set of vertices, with the copy laid out for contracting the
+    expression axis first (``core`` (Di + 1, De + 1, M, 3); ``by_exp`` (De + 1, (Di + 1) M 3))."""
+
+    def __init__(self, core: torch.Tensor):
+        self.core = core.contiguous()
+        self.by_exp = core.transpose(0, 1).reshape(core.shape[1], -1).contiguous()
+        self.dtype = core.dtype
+
+    def contract_exp(self, b: torch.Tensor) -> torch.Tensor:
+        """(B, De + 1) -> (B, Di + 1, M * 3): ``sum_j b_j core[:, j]``."""
+        return (b @ self.by_exp).view(len(b), self.core.shape[0], -1)
 
 
 # ----------------------------------------------------------------------------------- loading
