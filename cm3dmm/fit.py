@@ -1391,7 +1391,12 @@ def write_fit(out_npz: Path, result: FitResult, fm: FaceModel, method: str, subj
     if scans is not None:
         summary["scans"] = [{"path": s.path, "units": s.units, "points": int(len(s.points))} for s in scans]
     if not info.converged:
-        msg = f"{subject}: the optimiser stopped with status {info.status!r} after {info.iterations} iterations"
+        if info.status == "max_iter":
+            msg = (f"{subject}: the fit used its whole iteration budget ({info.iterations} iterations, "
+                   f"fit.max_iter = {fc.max_iter}) before the relative change fell below fit.tol = {fc.tol:g}; "
+                   "a larger fit.max_iter fits more tightly")
+        else:
+            msg = f"{subject}: the optimiser stopped with status {info.status!r} after {info.iterations} iterations"
         summary["warnings"].append(msg)
         log.warning(msg)
     atomic_save_npz(

@@ -196,7 +196,7 @@ def test_fit_reports_non_convergence(base, tmp_path):
     proc = run_cli(oc.argv, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    warn = [ln for ln in proc.stderr.splitlines() if "stopped with status" in ln]
+    warn = [ln for ln in proc.stderr.splitlines() if "used its whole iteration budget" in ln]
     assert len(warn) == 1 and corpus.TEST_SUBJECT in warn[0], proc.stderr
     fit_json = c.run / "fits" / "cm3dmm" / f"{corpus.TEST_SUBJECT}.json"
     info = json.loads(fit_json.read_text())["convergence"]
