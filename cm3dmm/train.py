@@ -339,6 +339,12 @@ def _finite_params(module: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------- log outputs
+def progress_log(path: Path) -> Path:
+    """Where a running training writes its log (``train_log.partial.csv``): the final
+    ``train_log.csv`` appears only with the model, so a killed run leaves no log that looks finished."""
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
 def _write_log(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
@@ -577,7 +583,7 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
                 "scheduler": sched.state_dict(), "rng": _rng_state(), "best": dict(best), "rows": rows,
                 "elapsed": elapsed(), "acc": dict(acc)})
             _prune_best(ckpt_dir, keep=best["step"])
-            _write_log(paths.train_log(method), rows)
+            _write_log(progress_log(paths.train_log(method)), rows)
 
     bar = _progress(tc.steps, start, dist)
     done = start
@@ -639,7 +645,7 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
                              row["val_mm"])
                 rows.append(row)
                 if validate and dist.main:
-                    _write_log(paths.train_log(method), rows)  # progressively, at every validation
+                    _write_log(progress_log(paths.train_log(method)), rows)  # at every validation
                 if bar is not None:
                     bar.set_postfix(dist=f"{row['distance']:.3f}",
                                     val="" if row["val_mm"] is None else f"{row['val_mm']:.3f}")
@@ -675,6 +681,7 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
     extra = _model_extra(cfg, net, data, summary, method)
     save_model(paths.model(method), net.model.cpu(), extra)
     _write_log(paths.train_log(method), rows)
+    progress_log(paths.train_log(method)).unlink(missing_ok=True)
     _plot_loss(paths.loss_png(method), rows,
                f"{method}: best {best['val']:.3f} mm at step {best['step']} (held-out UV points)")
     log.info("%s: model %s (best step %d, validation %.4f mm, all faces %.4f mm, %.1f s)", method,

@@ -165,7 +165,7 @@ def test_batch_order_is_a_pure_function_of_seed_and_step():
 # ------------------------------------------------------------------------------------ training
 def test_two_step_smoke(prepared, tmp_path):
     from cm3dmm.model import load_model
-    from cm3dmm.train import LOG_COLUMNS, run_train
+    from cm3dmm.train import LOG_COLUMNS, progress_log, run_train
 
     cfg, _ = make_run(prepared, tmp_path)
     res = run_train(cfg)
@@ -176,6 +176,7 @@ def test_two_step_smoke(prepared, tmp_path):
         assert p.stat().st_size > 0
     header = paths.train_log("cm3dmm").read_text().splitlines()[0]
     assert header.split(",") == list(LOG_COLUMNS)
+    assert not progress_log(paths.train_log("cm3dmm")).exists()
     model, extra = load_model(paths.model("cm3dmm"))
     n_train = 9  # 3 training subjects x 3 expressions
     assert extra["codes"]["id"].shape == (n_train, 8) and extra["codes"]["exp"].shape == (n_train, 8)
@@ -294,7 +295,7 @@ def _env(**extra):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(prepared, tmp_path):
-    from cm3dmm.train import run_train
+    from cm3dmm.train import progress_log, run_train
 
     steps = {"steps": 100, "checkpoint_every": 10, "validate_every": 25}
     # uninterrupted reference (in this process: one thread, like the subprocesses)
@@ -315,6 +316,9 @@ def test_resume_after_sigkill_equals_uninterrupted(prepared, tmp_path):
     killed_at = torch.load(last, weights_only=False)["step"]
     assert 10 <= killed_at < 100
     assert not RunPaths.of(cfg.run_dir).model("cm3dmm").exists()
+    # the progress log is there under its partial name; no log looks finished
+    tlog = RunPaths.of(cfg.run_dir).train_log("cm3dmm")
+    assert progress_log(tlog).exists() and not tlog.exists()
     subprocess.run(_cli(cfg_path), check=True, env=_env(), cwd=REPO, capture_output=True, timeout=300)
     sa, ea = _final_state(RunPaths.of(ref_cfg.run_dir).model("cm3dmm"))
     sb, eb = _final_state(RunPaths.of(cfg.run_dir).model("cm3dmm"))
@@ -330,6 +334,7 @@ def test_resume_after_sigkill_equals_uninterrupted(prepared, tmp_path):
     log_a = RunPaths.of(ref_cfg.run_dir).train_log("cm3dmm").read_text().splitlines()
     log_b = RunPaths.of(cfg.run_dir).train_log("cm3dmm").read_text().splitlines()
     assert [r.split(",")[:3] for r in log_a] == [r.split(",")[:3] for r in log_b]
+    assert not progress_log(tlog).exists()
 
 
 def _free_port() -> int:
