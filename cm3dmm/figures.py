@@ -396,13 +396,23 @@ def fig_pca_sweep(run: _Run, path: Path) -> Path:
     for col in [c for c in df.columns if c.endswith("(mm)") or c.endswith("no prior")]:
         y = np.maximum(df[col].to_numpy(float), 1e-6)
         ax.plot(df["Dim"], y, "-", marker="." if len(df) < 60 else None, label=col)
+    # the other methods at the sizes of the reconstruction table (evaluate.model_dims, baselines.bilinear_dims)
+    rec_csv = run.paths.tables_dir / "reconstruction.csv"
+    if rec_csv.exists():
+        rec = pd.read_csv(rec_csv)
+        for method, color in (("cm3dmm", "tab:red"), ("bilinear", "tab:purple")):
+            for split, marker, ls in (("test", "o", "-"), ("train", "s", "--")):
+                sel = rec[(rec["Method"] == method) & (rec["Split"] == split)].sort_values("Dim")
+                if len(sel):
+                    ax.plot(sel["Dim"], np.maximum(sel["mean vertex error (mm)"].to_numpy(float), 1e-6), ls,
+                            color=color, marker=marker, ms=6, lw=1.5, label=f"{method}, {split} (fitted)")
     ax.axvline(rank, color="k", ls=":", lw=1)
     ax.text(rank, ax.get_ylim()[1], f" rank {rank}", va="top", ha="right", fontsize=9)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("PCA latent size")
+    ax.set_xlabel("latent size (code dimensions)")
     ax.set_ylabel("mean vertex error (mm)")
-    ax.set_title("PCA: error against latent size")
+    ax.set_title("Error against latent size: PCA sweep, cm3dmm and bilinear at their sizes")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
