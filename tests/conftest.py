@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +44,24 @@ def make_registered(n_subjects=4, n_expr=3, grid=6, seed=0, test_subjects=1):
 @pytest.fixture
 def tiny_registered():
     return make_registered()
+
+
+def tiny_config(root, **sections):
+    """The config of a tiny run under ``root`` (runs in seconds on make_registered data); keyword
+    arguments replace or extend sections, e.g. ``model={"id_dim": 16}`` merges into ``model``."""
+    from cm3dmm.config import config_from_dict
+
+    values = {
+        "run": "t", "results": str(root),
+        "template": {"levels": 1, "mask_resolution": 32},
+        "cache": {"n_continuous": 60, "n_heldout": 20},
+        "model": {"id_dim": 3, "exp_dim": 3,
+                  "encoder": {"n_levels": 2, "n_features": 2, "finest_resolution": 8},
+                  "decoder": {"widths": [16]}},
+        "train": {"steps": 4, "batch_faces": 2, "vertex_points": 30, "continuous_points": 10,
+                  "checkpoint_every": 4, "validate_every": 2, "threads": 1, "log_every": 1},
+        "baselines": {"methods": ["pca", "bilinear"], "bilinear_id": 2, "bilinear_exp": 2},
+    }
+    for key, extra in sections.items():
+        values[key] = {**values.get(key, {}), **extra} if isinstance(extra, dict) else extra
+    return config_from_dict(values)

@@ -12,7 +12,7 @@ import torch
 from cm3dmm import metrics
 from cm3dmm.config import config_from_dict
 from cm3dmm.paths import FIGURES, TABLES, RunPaths
-from tests.conftest import make_registered
+from tests.conftest import make_registered, tiny_config
 
 torch.set_num_threads(1)
 
@@ -29,22 +29,14 @@ def tiny_run(tmp_path_factory):
     from cm3dmm.train import extra_model_dims, run_train, run_train_size
 
     root = tmp_path_factory.mktemp("evalrun")
-    cfg = config_from_dict({
-        "run": "t", "results": str(root),
-        "template": {"levels": 1, "mask_resolution": 32},
-        "cache": {"n_continuous": 60, "n_heldout": 20},
-        "model": {"id_dim": 3, "exp_dim": 3,
-                  "encoder": {"n_levels": 2, "n_features": 2, "finest_resolution": 8},
-                  "decoder": {"widths": [16]}},
-        "train": {"steps": 4, "batch_faces": 2, "vertex_points": 30, "continuous_points": 10,
-                  "checkpoint_every": 4, "validate_every": 2, "threads": 1, "log_every": 1},
-        "fit": {"max_iter": 3, "points": 0},
-        "baselines": {"methods": ["pca", "bilinear"], "pca_dims": [2, 99], "bilinear_id": 2, "bilinear_exp": 2,
-                      "bilinear_dims": [1, 2]},
-        "evaluate": {"levels": [0, 1], "chamfer_points": 150, "train_subjects": 2, "surface_faces": 0,
-                     "upsampling_fractions": [0.5, 1.0], "upsampling_steps": 2, "timing_repeats": 1,
-                     "model_dims": [4, 6], "model_dims_steps": 3},
-    })
+    cfg = tiny_config(
+        root,
+        fit={"max_iter": 3, "points": 0},
+        baselines={"pca_dims": [2, 99], "bilinear_dims": [1, 2]},
+        evaluate={"levels": [0, 1], "chamfer_points": 150, "train_subjects": 2, "surface_faces": 0,
+                  "upsampling_fractions": [0.5, 1.0], "upsampling_steps": 2, "timing_repeats": 1,
+                  "model_dims": [4, 6], "model_dims_steps": 3},
+    )
     data = make_registered(n_subjects=5, n_expr=3, grid=7, test_subjects=1)
     paths = RunPaths.of(cfg.run_dir)
     write_registered(paths.registered, data)

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cm3dmm.config import config_from_dict
 from cm3dmm.figures import sample_codes
 from cm3dmm.paths import RunPaths
-from tests.conftest import make_registered
+from tests.conftest import make_registered, tiny_config
 
 torch.set_num_threads(1)
 
@@ -99,17 +98,7 @@ def tiny_models(tmp_path_factory):
     from cm3dmm.train import run_train
 
     root = tmp_path_factory.mktemp("figrun")
-    cfg = config_from_dict({
-        "run": "t", "results": str(root),
-        "template": {"levels": 1, "mask_resolution": 32},
-        "cache": {"n_continuous": 60, "n_heldout": 20},
-        "model": {"id_dim": 16, "exp_dim": 16,
-                  "encoder": {"n_levels": 2, "n_features": 2, "finest_resolution": 8},
-                  "decoder": {"widths": [16]}},
-        "train": {"steps": 4, "batch_faces": 2, "vertex_points": 30, "continuous_points": 10,
-                  "checkpoint_every": 4, "validate_every": 2, "threads": 1, "log_every": 1},
-        "baselines": {"methods": ["pca", "bilinear"], "pca_dims": [99], "bilinear_id": 2, "bilinear_exp": 2},
-    })
+    cfg = tiny_config(root, model={"id_dim": 16, "exp_dim": 16}, baselines={"pca_dims": [99]})
     data = make_registered(n_subjects=5, n_expr=3, grid=7, test_subjects=1)
     paths = RunPaths.of(cfg.run_dir)
     write_registered(paths.registered, data)
