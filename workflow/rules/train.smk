@@ -9,6 +9,9 @@ rule train:
     params:
         cfg=CFG_JSON,
     threads: ALL_CORES
+    # the critical path (every cm3dmm fit and the evaluation wait for it): scheduled before the
+    # single-thread side jobs (baselines, upsampling and size models, baseline fits)
+    priority: 50
     shell:
         "{CLI} train --config-json {params.cfg:q} --set train.threads={threads}"
 
