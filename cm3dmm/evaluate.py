@@ -531,8 +531,13 @@ def _level_chamfer(ctx: _Ctx, fm, method: str, zi, ze, fs: FaceSet, sidx, s0: Sc
         if method != "cm3dmm":
             out[lv] = s0.chamfer
             continue
-        mv, mf = _mesh_at(fm, zi, ze, lv)
-        s = score_faces(mv[:, :ctx.template.n_vertices], fs.vertices, ctx.faces, surface_idx=sidx,
+        # only the faces that get surface metrics are decoded at the level
+        idx = np.arange(fs.n) if sidx is None else np.asarray(sidx)
+        if len(idx) == 0:
+            out[lv] = float("nan")
+            continue
+        mv, mf = _mesh_at(fm, zi[idx], ze[idx], lv)
+        s = score_faces(mv[:, :ctx.template.n_vertices], fs.vertices[idx], ctx.faces, surface_idx=None,
                         pred_meshes=(mv, mf), **ctx.kw())
         out[lv] = s.chamfer
     return out

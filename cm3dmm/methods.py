@@ -225,13 +225,26 @@ class NeuralFace(FaceModel):
     def decode_release(self, ctx, z_id, z_exp):
         return self.model.decode(ctx.uv, z_id, z_exp, avg=ctx.avg)
 
+    #: points decoded per call of :meth:`mesh` (faces x level points): bounds the decoder's
+    #: activations (an ICT face at level 2 has ~150k points; 400 of them at once needed > 24 GB)
+    mesh_chunk_points = 1 << 19
+
     def mesh(self, z_id, z_exp, level=0):
         if level == 0:
             return super().mesh(z_id, z_exp, 0)
         self._level(level)
+        uv, avg, faces = self.model.mesh_points(level)
+        n, p = len(z_id), len(uv)
+        out = np.empty((n, p, 3))
+        per_call = max(1, int(self.mesh_chunk_points))
+        fb = max(1, per_call // p)  # faces per call
+        fp = min(p, per_call)  # points per call (when one face's level is larger than a call)
         with torch.no_grad():
-            v, f = self.model.mesh(z_id, z_exp, level=level)
-        return v.double().cpu().numpy(), f.cpu().numpy()
+            for b0 in range(0, n, fb):
+                for p0 in range(0, p, fp):
+                    x = self.model.decode(uv[p0:p0 + fp], z_id[b0:b0 + fb], z_exp[b0:b0 + fb], avg=avg[p0:p0 + fp])
+                    out[b0:b0 + fb, p0:p0 + fp] = x.double().cpu().numpy()
+        return out, faces.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------- pca

@@ -298,3 +298,22 @@ def test_vertex_subset_cache_reads_and_validation_subset(tiny_run):
     # a full cycle of reads visits every kept vertex of a face exactly once
     seen = np.concatenate([few.read([1], 7, offset=o)["target"][0] for o in range(0, k, 7)])[:k]
     assert len(np.unique(seen.round(5), axis=0)) == len(np.unique(v[1][coarse.kept].round(5), axis=0))
+
+
+def test_neural_level_meshes_in_chunks_equal_one_call(tiny_run):
+    """NeuralFace.mesh decodes level meshes in bounded chunks (faces x points): the same
+    vertices as one call of the model, whatever the chunk size."""
+    from cm3dmm.methods import load_method
+
+    cfg, paths, data, ev = tiny_run
+    fm = load_method(paths.model("cm3dmm"))
+    g = torch.Generator().manual_seed(0)
+    zi, ze = torch.randn(5, fm.id_dim, generator=g), torch.randn(5, fm.exp_dim, generator=g)
+    with torch.no_grad():
+        ref, ref_f = fm.model.mesh(zi, ze, level=1)
+    for chunk in (1 << 19, 100, 7):
+        fm.mesh_chunk_points = chunk
+        v, f = fm.mesh(zi, ze, 1)
+        np.testing.assert_allclose(v, ref.double().numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(f, ref_f.numpy())
+    assert v.shape[1] > 7 and v.shape[0] == 5
