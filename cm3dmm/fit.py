@@ -575,7 +575,7 @@ def _structured_step(a: torch.Tensor, g: torch.Tensor, hid: torch.Tensor, gid: t
         grad = torch.cat([g[:, :di] + gid, gee], 1)
         dg = torch.diagonal(h, dim1=1, dim2=2).clamp_min(1e-12)
         hd = h + torch.diag_embed(mu[:, None] * dg)
-        step, bad = torch.linalg.solve_ex(hd, -grad[..., None])
+        step, bad = _solve_spd(hd, -grad[..., None])
         step = step[..., 0]
         if bool((bad != 0).any()) or not torch.isfinite(step).all():
             step = torch.linalg.lstsq(hd, -grad[..., None]).solution[..., 0]
@@ -587,7 +587,7 @@ def _structured_step(a: torch.Tensor, g: torch.Tensor, hid: torch.Tensor, gid: t
     hii_d = hii + m * torch.diag(torch.diagonal(hii).clamp_min(1e-12))
     hee_d = hee + m * torch.diag_embed(torch.diagonal(hee, dim1=1, dim2=2).clamp_min(1e-12))
     rhs = torch.cat([hie.transpose(1, 2), gee[..., None]], 2)  # (B, De', Di + 1)
-    sol, bad = torch.linalg.solve_ex(hee_d, rhs)
+    sol, bad = _solve_spd(hee_d, rhs)
     if bool((bad != 0).any()) or not torch.isfinite(sol).all():
         sol = torch.linalg.lstsq(hee_d, rhs).solution
     x, y = sol[..., :di], sol[..., di]  # Hee^-1 Hei, Hee^-1 ge
@@ -713,6 +713,26 @@ def solve_lm_structured(prob: _Problem, codes: Codes, max_iter: int, tol: float,
     info.objective = float(fe.sum() + (ei[0] if shared else 0.0))  # = prob.energy(codes), no forward
     info.damping = mu
     return codes, info
+
+
+def _solve_spd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve batched symmetric positive definite systems ``a x = b`` (a (B, n, n), b (B, n, k)).
+
+    Returns ``(x, info)`` like ``torch.linalg.solve_ex`` (info != 0 where a system failed).
+    Cholesky first (the damped normal equations are SPD). Not batched LU: the CPU build of
+    torch 2.13 with MKL hangs or fails in batched ``getrf`` for n >~ 200 when more than one
+    thread is used ("Parameter 6 was incorrect on entry to DLASWP"; the default run's
+    evaluation stalled for 10 min in a (20, 258, 258) solve). Systems that are not positive
+    definite are solved one at a time by LU, which is unaffected.
+    """
+    chol, info = torch.linalg.cholesky_ex(a)
+    x = torch.cholesky_solve(b, chol)
+    bad = info != 0
+    if bool(bad.any()):
+        info = info.clone()
+        for i in torch.nonzero(bad).flatten().tolist():
+            x[i], info[i] = torch.linalg.solve_ex(a[i], b[i])
+    return x, info
 
 
 def solve_als(prob: _Problem, codes: Codes, max_iter: int, tol: float) -> tuple[Codes, SolveInfo]:
