@@ -108,7 +108,7 @@ def base_config(run_dir: Path, manifest: Path | str) -> dict:
                   "checkpoint_every": 2, "validate_every": 3, "log_every": 1, "threads": 1},
         "fit": {"max_iter": 5, "points": 0},
         "baselines": {"methods": ["pca", "bilinear"], "pca_dims": [2], "bilinear_id": 2, "bilinear_exp": 2},
-        "evaluate": {"levels": [0, 1], "chamfer_points": 200, "upsampling_fractions": [],
+        "evaluate": {"levels": [0, 1], "chamfer_points": 200, "upsampling_fractions": [], "model_dims": [],
                      "train_subjects": 0, "timing_repeats": 1, "figures": False},
     }
 
