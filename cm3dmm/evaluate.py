@@ -505,8 +505,8 @@ def _sizes_text(cfg, facts: dict) -> str:
             "- The continuous model at other code sizes (`evaluate.model_dims`): one model per size, trained "
             "on the same cache with the main model's settings except its code sizes (identity + expression "
             "split in the main model's proportion) and its steps: "
-            + ", ".join(f"{d} ({size_config(cfg, d).model.id_dim} + {size_config(cfg, d).model.exp_dim}, "
-                        f"{size_config(cfg, d).train.steps} steps)" for d in dims)
+            + ", ".join(f"{d} ({c.model.id_dim} + {c.model.exp_dim}, {c.train.steps} steps)"
+                        for d, c in ((d, size_config(cfg, d)) for d in dims))
             + f" against the main model's {cfg.train.steps}; fitted here like the training subset.")
     bil = facts.get("bilinear_dims") or []
     if bil:

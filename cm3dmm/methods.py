@@ -322,7 +322,6 @@ class BilinearFace(FaceModel):
         return torch.cat([torch.ones_like(z[:, :1]), z], 1)
 
     def decode(self, ctx, z_id, z_exp):
-        ctx = ctx if isinstance(ctx, _BilinearContext) else _BilinearContext(ctx)
         a, b = self._aug(z_id.to(ctx.dtype)), self._aug(z_exp.to(ctx.dtype))
         w = ctx.contract_exp(b)  # (B, Di + 1, M * 3)
         return torch.bmm(a[:, None, :], w)[:, 0].view(len(a), -1, 3)
@@ -333,7 +332,6 @@ class BilinearFace(FaceModel):
         ``d x / d z_id[i] = sum_j b_j core[1 + i, j]`` and ``d x / d z_exp[j] = sum_i a_i core[i, 1 + j]``
         with ``a = [1, z_id]``, ``b = [1, z_exp]``; ``x = sum_i a_i (d x / d a_i)``.
         """
-        ctx = ctx if isinstance(ctx, _BilinearContext) else _BilinearContext(ctx)
         a, b = self._aug(z_id.to(ctx.dtype)), self._aug(z_exp.to(ctx.dtype))
         n, m = len(a), ctx.core.shape[2]
         w = ctx.contract_exp(b)  # (B, Di + 1, M * 3)

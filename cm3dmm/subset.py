@@ -227,10 +227,9 @@ class VertexSubsetCache:
 def upsampling_config(cfg):
     """The training configuration of the upsampling models: ``cfg`` with ``train.steps`` =
     ``evaluate.upsampling_steps`` (when > 0) and no continuous samples."""
-    steps = cfg.evaluate.upsampling_steps or cfg.train.steps
-    train = dataclasses.replace(cfg.train, steps=int(steps), continuous_points=0,
-                                checkpoint_every=min(cfg.train.checkpoint_every, int(steps)),
-                                validate_every=min(cfg.train.validate_every, int(steps)))
+    from cm3dmm.train import with_steps
+
+    train = with_steps(cfg.train, cfg.evaluate.upsampling_steps or cfg.train.steps, continuous_points=0)
     return dataclasses.replace(cfg, train=train)
 
 

@@ -427,6 +427,16 @@ def run_train(cfg: Config, method: str | None = None) -> TrainResult:
             close()
 
 
+def with_steps(tc, steps: int, **changes):
+    """``tc`` (a TrainConfig) trained ``steps`` steps: checkpoint / validation intervals capped at
+    ``steps`` so the shorter run still checkpoints and validates; ``changes`` replace other fields."""
+    import dataclasses
+
+    steps = int(steps)
+    return dataclasses.replace(tc, steps=steps, checkpoint_every=min(tc.checkpoint_every, steps),
+                               validate_every=min(tc.validate_every, steps), **changes)
+
+
 def size_method(dim: int) -> str:
     """Model folder name of the continuous model of code size ``dim``: ``cm3dmm_dim32``."""
     return f"{METHOD}_dim{int(dim)}"
@@ -451,9 +461,7 @@ def size_config(cfg: Config, dim: int) -> Config:
     mc = cfg.model
     id_dim = min(max(1, round(dim * mc.id_dim / (mc.id_dim + mc.exp_dim))), dim - 1)
     model = dataclasses.replace(mc, id_dim=id_dim, exp_dim=dim - id_dim)
-    steps = int(cfg.evaluate.model_dims_steps or cfg.train.steps)
-    tr = dataclasses.replace(cfg.train, steps=steps, checkpoint_every=min(cfg.train.checkpoint_every, steps),
-                             validate_every=min(cfg.train.validate_every, steps))
+    tr = with_steps(cfg.train, cfg.evaluate.model_dims_steps or cfg.train.steps)
     return dataclasses.replace(cfg, model=model, train=tr)
 
 

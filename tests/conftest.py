@@ -65,3 +65,21 @@ def tiny_config(root, **sections):
     for key, extra in sections.items():
         values[key] = {**values.get(key, {}), **extra} if isinstance(extra, dict) else extra
     return config_from_dict(values)
+
+
+def build_tiny_models(cfg, data):
+    """Write ``data`` as the run's registered.h5 and run the stages up to the trained models
+    (template, cache, the continuous model, the PCA and bilinear baselines)."""
+    from cm3dmm.baselines import run_train_baseline
+    from cm3dmm.cache import run_cache
+    from cm3dmm.paths import RunPaths
+    from cm3dmm.registered import write_registered
+    from cm3dmm.template import run_template
+    from cm3dmm.train import run_train
+
+    write_registered(RunPaths.of(cfg.run_dir).registered, data)
+    run_template(cfg)
+    run_cache(cfg)
+    run_train(cfg)
+    for m in ("pca", "bilinear"):
+        run_train_baseline(cfg, m)

@@ -12,21 +12,17 @@ import torch
 from cm3dmm import metrics
 from cm3dmm.config import config_from_dict
 from cm3dmm.paths import FIGURES, TABLES, RunPaths
-from tests.conftest import make_registered, tiny_config
+from tests.conftest import build_tiny_models, make_registered, tiny_config
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from cm3dmm.baselines import run_train_baseline
-    from cm3dmm.cache import run_cache
     from cm3dmm.evaluate import run_evaluate
     from cm3dmm.fit import run_fit
-    from cm3dmm.registered import write_registered
     from cm3dmm.subset import run_train_upsampling
-    from cm3dmm.template import run_template
-    from cm3dmm.train import extra_model_dims, run_train, run_train_size
+    from cm3dmm.train import extra_model_dims, run_train_size
 
     root = tmp_path_factory.mktemp("evalrun")
     cfg = tiny_config(
@@ -39,12 +35,7 @@ def tiny_run(tmp_path_factory):
     )
     data = make_registered(n_subjects=5, n_expr=3, grid=7, test_subjects=1)
     paths = RunPaths.of(cfg.run_dir)
-    write_registered(paths.registered, data)
-    run_template(cfg)
-    run_cache(cfg)
-    run_train(cfg)
-    for m in ("pca", "bilinear"):
-        run_train_baseline(cfg, m)
+    build_tiny_models(cfg, data)
     for f in cfg.evaluate.upsampling_fractions:
         run_train_upsampling(cfg, f)
     for d in extra_model_dims(cfg):

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from cm3dmm.figures import sample_codes
-from cm3dmm.paths import RunPaths
-from tests.conftest import make_registered, tiny_config
+from tests.conftest import build_tiny_models, make_registered, tiny_config
 
 torch.set_num_threads(1)
 
@@ -91,22 +90,10 @@ def test_sample_codes_edge_cases():
 def tiny_models(tmp_path_factory):
     """Template, cache, continuous model (code size 16 > the 12 training faces, so its code
     tables are rank-deficient) and the two baselines, by the real stages."""
-    from cm3dmm.baselines import run_train_baseline
-    from cm3dmm.cache import run_cache
-    from cm3dmm.registered import write_registered
-    from cm3dmm.template import run_template
-    from cm3dmm.train import run_train
-
     root = tmp_path_factory.mktemp("figrun")
     cfg = tiny_config(root, model={"id_dim": 16, "exp_dim": 16}, baselines={"pca_dims": [99]})
     data = make_registered(n_subjects=5, n_expr=3, grid=7, test_subjects=1)
-    paths = RunPaths.of(cfg.run_dir)
-    write_registered(paths.registered, data)
-    run_template(cfg)
-    run_cache(cfg)
-    run_train(cfg)
-    for m in ("pca", "bilinear"):
-        run_train_baseline(cfg, m)
+    build_tiny_models(cfg, data)
     return cfg
 
 
