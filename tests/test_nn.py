@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 
 # small configurations mixing every indexing mode:
 #   hash: 2 .. 40 over 6 levels, table 2^8 -> levels with (res+1)^2 <= 256 dense, the rest hashed
-#   seed-compatible: base 3 / finest 30 -> 3, 9, 30, 94, 300: res^2 tables (wrap) then hashed
+#   seed-compatible: base 3 / finest 30 -> 3, 9, 30, 94, 300: every level hashed into min(res^2, 2^8) rows
 #   dense: 2 .. 20 with table 2^6 -> capped at 7 cells per side (equal levels grouped)
 SMALL = {
     "hash": EncoderConfig(backend="hash", n_levels=6, n_features=3, base_resolution=2, finest_resolution=40,
@@ -51,10 +51,9 @@ def _row(backend: str, enc, level: int, i: int, j: int) -> int:
     if backend == "dense" or (backend == "hash" and (res + 1) ** 2 <= size):
         assert size == (res + 1) ** 2
         return i + j * (res + 1)
-    if backend == "seed-compatible" and res * res <= 2**SMALL[backend].log2_table_size:
-        assert size == res * res
-        return (i + j * res) % (res * res)
-    return ((i * 1) ^ (j * 2654435761)) % size
+    if backend == "seed-compatible":
+        assert size == min(res * res, 2**SMALL[backend].log2_table_size)
+    return (((i * 1) & 0xFFFFFFFF) ^ ((j * 2654435761) & 0xFFFFFFFF)) % size
 
 
 def naive_encode(backend: str, enc, uv: torch.Tensor) -> torch.Tensor:
@@ -95,7 +94,7 @@ def test_small_configs_cover_every_mode():
     assert h.level_resolutions == [2, 3, 6, 12, 21, 40]
     s = make_encoder(SMALL["seed-compatible"])
     assert s.level_resolutions == [3, 9, 30, 94, 300]  # b = 10^(1/2): growth over base - 1 = 2 steps
-    assert s.level_modes == ["wrap", "wrap", "hash", "hash", "hash"]
+    assert s.level_modes == ["hash"] * 5  # the release hashes every level, the coarse ones too
     assert s.table_sizes == [9, 81, 256, 256, 256]
     d = make_encoder(SMALL["dense"])
     assert d.level_resolutions == [2, 3, 5, 7, 7, 7]  # 8, 12, 20 capped at sqrt(64) - 1
@@ -107,7 +106,7 @@ TINY = {
     "hash": EncoderConfig(backend="hash", n_levels=3, n_features=2, base_resolution=2, finest_resolution=12,
                           log2_table_size=5),  # 2, 4 dense; 12 hashed into 32 rows
     "seed-compatible": EncoderConfig(backend="seed-compatible", n_levels=3, n_features=2, base_resolution=3,
-                                     finest_resolution=30, log2_table_size=6),  # 3 wrap; 9, 30 hashed
+                                     finest_resolution=30, log2_table_size=6),  # 3, 9, 30 hashed
     "dense": SMALL["dense"],
 }
 
@@ -115,7 +114,7 @@ TINY = {
 @pytest.mark.parametrize("backend", list(TINY))
 def test_encoder_gradcheck(backend):
     enc = make_encoder(TINY[backend]).double()
-    assert len(set(getattr(enc, "level_modes", ["dense"]))) == (1 if backend == "dense" else 2)
+    assert len(set(getattr(enc, "level_modes", ["dense"]))) == (2 if backend == "hash" else 1)
     _randomise(enc)
     names = [n for n, _ in enc.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_(True) for p in enc.parameters())
@@ -139,20 +138,23 @@ def test_release_level_resolutions():
     assert seed.level_resolutions[:6] == [4, 12, 40, 127, 406, 1290]
     assert seed.level_resolutions[-1] == 134217727  # ~1.3e8
     assert seed.table_sizes[:5] == [16, 144, 1600, 16129, 2**15]
-    assert seed.level_modes == ["wrap"] * 4 + ["hash"] * 12
+    assert seed.level_modes == ["hash"] * 16
     assert seed_resolutions(16, 4, 128) == seed.level_resolutions
     assert ngp_resolutions(1, 7, 9) == [7]
     assert ngp_resolutions(3, 16, 256) == [16, 64, 256]
 
 
-def test_seed_wraparound_aliases_corners():
+def test_seed_hash_aliases_diagonal_corners():
     enc = make_encoder(SMALL["seed-compatible"]).double()
     _randomise(enc)
-    r = enc.level_resolutions[0]
-    # corner (r, 0) is row r == corner (0, 1); corner (0, r) wraps to row 0 == corner (0, 0)
+    r = enc.level_resolutions[0]  # 3: 9 rows, 2654435761 = 2 (mod 9)
+    # the release hashes even the coarsest level: every diagonal corner (i, i) of a power-of-two
+    # table lands on row 0; here (i, j) -> (i xor 2654435761 j) mod 9, so (1, 0) and (0, 0) differ
     at = lambda u, v: enc(torch.tensor([[u, v]], dtype=torch.float64))[0, :enc.n_features]  # noqa: E731
-    torch.testing.assert_close(at(1.0, 0.0), at(0.0, 1.0 / r))
-    torch.testing.assert_close(at(0.0, 1.0), at(0.0, 0.0))
+    row = lambda i, j: ((i & 0xFFFFFFFF) ^ ((j * 2654435761) & 0xFFFFFFFF)) % (r * r)  # noqa: E731
+    for i in range(r + 1):
+        for j in range(r + 1):
+            torch.testing.assert_close(at(i / r, j / r), enc.level_table(0)[row(i, j)])
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])

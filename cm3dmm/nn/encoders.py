@@ -24,17 +24,24 @@ Backends (``EncoderConfig.backend``, built by :func:`make_encoder`):
     table of exactly ``(res+1)^2`` rows), above that by the spatial hash
     ``(i * 1 xor j * 2654435761) mod T``. Tables initialised ``U(-1e-4, 1e-4)``.
 ``seed-compatible``
-    The release's encoder, for side-by-side comparison only (SEED.md, "Known defects"): the
-    growth factor divides by ``base_resolution - 1`` instead of ``n_levels - 1``
-    (:func:`seed_resolutions`: 4, 12, 40, 127, 406, ... 134217727 for base 4 / finest 128 /
-    16 levels), and each level's table has ``res^2`` rows (corner ``(i, j)`` -> row
-    ``(i + j res) mod res^2``, so the last corner row/column wraps around onto the first),
-    capped at ``T`` rows and hashed as above when ``res^2 > T``. Positions are computed in the
-    input's dtype: in float32 levels above ~2^24 cells per side are quantised (as the release
-    computed them); they are hash noise either way.
+    The release's encoder, bit for bit (SEED.md, "Known defects"), to load the release's weights
+    (``cm3dmm import-release``) and for side-by-side comparison: the growth factor divides by
+    ``base_resolution - 1`` instead of ``n_levels - 1`` (:func:`seed_resolutions`: 4, 12, 40, 127,
+    406, ... 134217727 for base 4 / finest 128 / 16 levels), each level's table has
+    ``min(res^2, T)`` rows, and **every** level is hashed, the coarse ones too: corner ``(i, j)``
+    -> row ``((i * 1) & 0xffffffff  xor  (j * 2654435761) & 0xffffffff) mod min(res^2, T)``
+    (tiny-cuda-nn's hash in 32-bit arithmetic). So at resolution 4 only 8 of 16 rows are used and
+    every diagonal corner ``(i, i)`` lands on row 0. Grid positions are ``uv * res`` (``i`` along u),
+    corners ``floor`` and ``floor + 1``, computed in the input's dtype: in float32 levels above
+    ~2^24 cells per side are quantised, as the release computed them; they are hash noise anyway.
 ``tcnn``
-    tiny-cuda-nn's ``HashGrid`` encoding (CUDA only, ``n_features`` in 1, 2, 4, 8), with the same
-    per-level scale as ``hash``. ``auto`` picks ``tcnn`` where it can run, else ``dense``.
+    tiny-cuda-nn's ``HashGrid`` encoding (CUDA only, ``n_features`` in 1, 2, 4, 8), with the
+    per-level growth of ``hash`` (tiny-cuda-nn's own grid: ``scale_l = base * b^l - 1``,
+    ``ceil(scale_l) + 1`` vertices per side, positions ``scale_l * uv + 0.5``). ``auto`` picks
+    ``tcnn`` where it can run, else ``dense``; a model file records the backend actually used.
+    Where tiny-cuda-nn cannot run, a ``tcnn`` model's weights load into :class:`TcnnLayoutEncoder`
+    (``make_encoder`` backend ``tcnn-torch``, used by ``cm3dmm.model.load_model``): the same
+    layout and arithmetic in pure torch.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import functools
 import logging
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -55,6 +63,8 @@ log = logging.getLogger(__name__)
 
 #: primes of the spatial hash (Teschner et al. 2003, as in Instant-NGP), per dimension
 HASH_PRIMES = (1, 2654435761)
+#: the hash is computed in 32-bit unsigned arithmetic (tiny-cuda-nn, the release)
+HASH_MASK = 0xFFFFFFFF
 #: initial table values are drawn from U(-INIT_RANGE, INIT_RANGE)
 INIT_RANGE = 1e-4
 TCNN_HINT = (
@@ -119,6 +129,8 @@ class UVEncoder(nn.Module):
     out_dim: int
     level_resolutions: list[int]
     table_sizes: list[int]
+    #: the backend this encoder implements (what a model file records; never ``auto``)
+    backend: str
 
     def level_table(self, level: int) -> Tensor:
         """The stored vectors of ``level`` as a ``(table_sizes[level], n_features)`` view."""
@@ -139,6 +151,8 @@ def _check_uv(uv: Tensor) -> None:
 # --------------------------------------------------------------------------- dense
 class DenseGridEncoder(UVEncoder):
     """Dense multi-resolution grids sampled with ``grid_sample`` (bilinear, align_corners)."""
+
+    backend = "dense"
 
     def __init__(self, n_levels: int, n_features: int, base_resolution: int, finest_resolution: int,
                  log2_table_size: int):
@@ -239,20 +253,22 @@ def bilinear_cells(uv: Tensor, resolutions: Tensor) -> tuple[Tensor, Tensor]:
 class GridTableEncoder(UVEncoder):
     """Multi-resolution grids stored in one flat table, looked up by gather (``hash``, ``seed-compatible``).
 
-    Each level is indexed in one of three modes: ``dense`` (row ``i + j (res+1)``), ``wrap``
-    (row ``(i + j res) mod res^2``, the release's res^2 tables) or ``hash``
-    (row ``(i * 1 xor j * 2654435761) mod size``).
+    Each level is indexed in one of two modes: ``dense`` (row ``i + j (res+1)``) or ``hash``
+    (row ``((i * 1) & 0xffffffff xor (j * 2654435761) & 0xffffffff) mod size``, the 32-bit
+    arithmetic of tiny-cuda-nn; the same as without the masks when ``size`` is a power of two).
     """
 
-    def __init__(self, resolutions: list[int], modes: list[str], sizes: list[int], n_features: int):
+    def __init__(self, resolutions: list[int], modes: list[str], sizes: list[int], n_features: int,
+                 backend: str = "hash"):
         super().__init__()
+        self.backend = backend
         if not (len(resolutions) == len(modes) == len(sizes)) or not resolutions:
             raise ValueError("resolutions, modes and sizes must be non-empty lists of equal length")
         for r, m, s in zip(resolutions, modes, sizes):
-            if m not in ("dense", "wrap", "hash") or r < 1 or s < 1:
+            if m not in ("dense", "hash") or r < 1 or s < 1:
                 raise ValueError(f"bad level (res={r}, mode={m!r}, size={s})")
-            if m == "dense" and s != (r + 1) ** 2 or m == "wrap" and s != r * r:
-                raise ValueError(f"level (res={r}, mode={m!r}) must have {(r + 1) ** 2 if m == 'dense' else r * r} rows")
+            if m == "dense" and s != (r + 1) ** 2:
+                raise ValueError(f"level (res={r}, mode='dense') must have {(r + 1) ** 2} rows")
         self.n_levels, self.n_features = len(resolutions), n_features
         self.out_dim = self.n_levels * n_features
         self.level_resolutions = list(resolutions)
@@ -265,8 +281,7 @@ class GridTableEncoder(UVEncoder):
         as_long = functools.partial(torch.tensor, dtype=torch.long)
         self.register_buffer("_res", as_long(resolutions), persistent=False)
         self.register_buffer("_offset", as_long(offsets), persistent=False)
-        self.register_buffer("_stride", as_long([r + 1 if m == "dense" else r for r, m in zip(resolutions, modes)]),
-                             persistent=False)
+        self.register_buffer("_stride", as_long([r + 1 for r in resolutions]), persistent=False)
         self.register_buffer("_size", as_long(sizes), persistent=False)
         self.register_buffer("_hashed", torch.tensor([m == "hash" for m in modes]), persistent=False)
         self._any_hashed = "hash" in modes  # a Python flag: no device sync per forward
@@ -278,9 +293,10 @@ class GridTableEncoder(UVEncoder):
     def corner_rows(self, ij: Tensor) -> Tensor:
         """ij: (P, L, 2) int64 corner coordinates -> (P, L) flat table rows."""
         i, j = ij[..., 0], ij[..., 1]
-        row = torch.remainder(i + j * self._stride, self._size)  # dense: no-op; wrap: mod res^2
+        row = i + j * self._stride
         if self._any_hashed:
-            h = torch.remainder(torch.bitwise_xor(i * HASH_PRIMES[0], j * HASH_PRIMES[1]), self._size)
+            h = torch.remainder(torch.bitwise_xor((i * HASH_PRIMES[0]) & HASH_MASK, (j * HASH_PRIMES[1]) & HASH_MASK),
+                                self._size)
             row = torch.where(self._hashed, h, row)
         return row + self._offset
 
@@ -306,14 +322,15 @@ def hash_grid_encoder(n_levels: int, n_features: int, base_resolution: int, fine
 
 def seed_compatible_encoder(n_levels: int, n_features: int, base_resolution: int, finest_resolution: int,
                             log2_table_size: int) -> GridTableEncoder:
-    """The ``seed-compatible`` backend: the release's level scaling and ``res^2`` tables (defects kept)."""
+    """The ``seed-compatible`` backend: the release's encoder (level scaling, ``min(res^2, T)`` tables,
+    every level hashed; defects kept, see the module docstring)."""
     t = 2**log2_table_size
     res = seed_resolutions(n_levels, base_resolution, finest_resolution)
-    modes = ["wrap" if r * r <= t else "hash" for r in res]
-    sizes = [r * r if m == "wrap" else t for r, m in zip(res, modes)]
-    log.warning("seed-compatible encoder: reproduces the release's defective level scaling %s "
-                "(for comparison only; use 'hash' or 'dense')", res)
-    return GridTableEncoder(res, modes, sizes, n_features)
+    modes = ["hash"] * len(res)
+    sizes = [min(r * r, t) for r in res]
+    log.info("seed-compatible encoder: the release's level scaling %s, every level hashed (its "
+             "defects kept; 'hash' or 'dense' are correct)", res)
+    return GridTableEncoder(res, modes, sizes, n_features, backend="seed-compatible")
 
 
 # --------------------------------------------------------------------------- tiny-cuda-nn
@@ -336,7 +353,12 @@ def tcnn_available(device: torch.device | str | None = None) -> bool:
 
 
 class TcnnEncoder(UVEncoder):
-    """tiny-cuda-nn ``HashGrid`` encoding (CUDA only). Output cast to float32."""
+    """tiny-cuda-nn ``HashGrid`` encoding (CUDA only). Output cast to float32.
+
+    Its weights (``enc.params``) load into :class:`TcnnLayoutEncoder` where CUDA is absent.
+    """
+
+    backend = "tcnn"
 
     def __init__(self, n_levels: int, n_features: int, base_resolution: int, finest_resolution: int,
                  log2_table_size: int, device: torch.device | str = "cuda"):
@@ -350,13 +372,11 @@ class TcnnEncoder(UVEncoder):
         if n_features not in (1, 2, 4, 8):
             raise InputError(f"model.encoder.n_features: tiny-cuda-nn supports 1, 2, 4 or 8 features "
                              f"per level, got {n_features}; use backend 'hash' or 'dense'")
-        scale = 1.0 if n_levels == 1 else math.exp(
-            (math.log(finest_resolution) - math.log(base_resolution)) / (n_levels - 1))
+        scale = tcnn_per_level_scale(n_levels, base_resolution, finest_resolution)
         self.n_levels, self.n_features = n_levels, n_features
         self.out_dim = n_levels * n_features
-        self.level_resolutions = ngp_resolutions(n_levels, base_resolution, finest_resolution)
-        t = 2**log2_table_size
-        self.table_sizes = [min((r + 1) ** 2, t) for r in self.level_resolutions]
+        _, self.level_resolutions, self.table_sizes = tcnn_levels(n_levels, base_resolution, scale,
+                                                                  log2_table_size)
         with torch.cuda.device(torch.device(device)):
             self.enc = tcnn.Encoding(2, {
                 "otype": "HashGrid", "n_levels": n_levels, "n_features_per_level": n_features,
@@ -369,6 +389,119 @@ class TcnnEncoder(UVEncoder):
         lead = uv.shape[:-1]
         out = self.enc(uv.reshape(-1, 2).clamp(0, 1))
         return out.float().reshape(*lead, self.out_dim)
+
+
+# --------------------------------------------------------------------------- tiny-cuda-nn's layout in torch
+def tcnn_per_level_scale(n_levels: int, base_resolution: int, finest_resolution: int) -> float:
+    """The ``per_level_scale`` :class:`TcnnEncoder` passes to tiny-cuda-nn (growth over L - 1 steps)."""
+    if n_levels == 1:
+        return 1.0
+    return math.exp((math.log(finest_resolution) - math.log(base_resolution)) / (n_levels - 1))
+
+
+def tcnn_levels(n_levels: int, base_resolution: int, per_level_scale: float,
+                log2_table_size: int) -> tuple[list[float], list[int], list[int]]:
+    """tiny-cuda-nn's ``HashGrid`` level layout (2-D input), recomputed on the host.
+
+    Per level ``l``: ``scale = exp2f(l * log2f(per_level_scale)) * base - 1`` (float32), the grid has
+    ``resolution = ceil(scale) + 1`` vertices per side and ``min(next_multiple(resolution^2, 8), T)``
+    table rows (``T = 2^log2_table_size``). Returns ``(scales, resolutions, sizes)``.
+    """
+    f32 = np.float32
+    log2s = f32(np.log2(f32(per_level_scale)))
+    t = 2**int(log2_table_size)
+    scales, resolutions, sizes = [], [], []
+    for level in range(n_levels):
+        scale = f32(f32(np.exp2(f32(level) * log2s)) * f32(base_resolution)) - f32(1.0)
+        res = int(math.ceil(float(scale))) + 1
+        params = min(res * res, 2**31 - 1)
+        params = -(-params // 8) * 8
+        scales.append(float(scale))
+        resolutions.append(res)
+        sizes.append(min(params, t))
+    return scales, resolutions, sizes
+
+
+class TcnnLayoutEncoder(UVEncoder):
+    """tiny-cuda-nn's ``HashGrid`` (linear interpolation, 2-D) evaluated in pure torch, on any device.
+
+    It reads a ``tcnn`` model's weights where tiny-cuda-nn cannot run (no CUDA, or not installed):
+    the parameter is the same flat vector ``enc.params`` (state-dict key ``encoder.enc.params``) of
+    ``sum(sizes) * n_features`` values, level ``l`` occupying rows ``offset_l .. offset_l + size_l``
+    with a row's ``n_features`` values contiguous (tiny-cuda-nn's layout). Level ``l`` (see
+    :func:`tcnn_levels`): position ``p = scale_l * uv + 0.5``, corner ``floor(p)`` and ``+1``, weight
+    ``frac(p)``; corner ``(i, j)`` -> row ``i + j * resolution_l`` when ``resolution_l^2 <= size_l``,
+    else the 32-bit hash ``(i xor j * 2654435761) mod size_l``. ``level_resolutions`` are the grids'
+    vertices per side. A stored vector of another length (another tiny-cuda-nn layout) is refused in
+    one line (:class:`InputError`).
+    """
+
+    backend = "tcnn"
+
+    def __init__(self, n_levels: int, n_features: int, base_resolution: int, finest_resolution: int,
+                 log2_table_size: int):
+        super().__init__()
+        scales, res, sizes = tcnn_levels(n_levels, base_resolution,
+                                         tcnn_per_level_scale(n_levels, base_resolution, finest_resolution),
+                                         log2_table_size)
+        self.n_levels, self.n_features = n_levels, n_features
+        self.out_dim = n_levels * n_features
+        self.level_resolutions = res
+        self.table_sizes = sizes
+        self.enc = nn.Module()
+        self.enc.params = nn.Parameter(torch.empty(sum(sizes) * n_features).uniform_(-INIT_RANGE, INIT_RANGE))
+        offsets = [0]
+        for size in sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        as_long = functools.partial(torch.tensor, dtype=torch.long)
+        self.register_buffer("_scale", torch.tensor(scales, dtype=torch.float64), persistent=False)
+        self.register_buffer("_stride", as_long(res), persistent=False)
+        self.register_buffer("_size", as_long(sizes), persistent=False)
+        self.register_buffer("_offset", as_long(offsets), persistent=False)
+        self.register_buffer("_hashed", torch.tensor([r * r > size for r, size in zip(res, sizes)]),
+                             persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "enc.params"
+        if key in state_dict:
+            got, want = state_dict[key], self.enc.params
+            if got.ndim != 1 or got.numel() != want.numel():
+                raise InputError(
+                    f"the tcnn encoder's weights ({key}) hold {got.numel()} values, but tiny-cuda-nn's "
+                    f"HashGrid layout for levels {self.level_resolutions} needs {want.numel()}: this tiny-cuda-nn "
+                    f"layout does not map onto the pure-torch one; evaluate the model on a CUDA machine "
+                    f"with the tiny-cuda-nn it was trained with")
+            state_dict = dict(state_dict)
+            state_dict[key] = got.to(want.dtype)  # tiny-cuda-nn may keep half-precision parameters
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def level_table(self, level: int) -> Tensor:
+        o = sum(self.table_sizes[:level])
+        return self.enc.params.view(-1, self.n_features)[o:o + self.table_sizes[level]]
+
+    def forward(self, uv: Tensor) -> Tensor:
+        """uv: (..., 2) in [0, 1] (clamped) -> (..., n_levels * n_features)."""
+        _check_uv(uv)
+        lead = uv.shape[:-1]
+        table = self.enc.params.view(-1, self.n_features)
+        x = uv.reshape(-1, 2).clamp(0, 1)
+        # fmaf(scale, x, 0.5) in float32: exact product and sum in float64, one rounding
+        pos = (x.to(torch.float64).unsqueeze(1) * self._scale[None, :, None] + 0.5).to(table.dtype)
+        cell = pos.detach().floor()
+        t = pos - cell
+        tx, ty = t[..., 0], t[..., 1]
+        w = torch.stack(((1 - tx) * (1 - ty), tx * (1 - ty), (1 - tx) * ty, tx * ty), -1)
+        cell = cell.long()
+        rows = []
+        for di, dj in _CORNERS:
+            i, j = cell[..., 0] + di, cell[..., 1] + dj
+            dense = i + j * self._stride
+            h = torch.bitwise_xor(i & HASH_MASK, (j * HASH_PRIMES[1]) & HASH_MASK)
+            rows.append(torch.remainder(torch.where(self._hashed, h, dense), self._size) + self._offset)
+        out = _GatherLerp.apply(table, torch.stack(rows, -1), w)  # (P, L, F)
+        return out.reshape(*lead, self.out_dim)
 
 
 # --------------------------------------------------------------------------- factory
@@ -399,5 +532,7 @@ def make_encoder(cfg: EncoderConfig, device: torch.device | str | None = None) -
         return seed_compatible_encoder(*args)
     if backend == "tcnn":
         return TcnnEncoder(*args, device="cuda" if device is None else device)
+    if backend == "tcnn-torch":  # internal: a tcnn model's weights evaluated without tiny-cuda-nn
+        return TcnnLayoutEncoder(*args)
     raise InputError(f"model.encoder.backend: {cfg.backend!r} is not one of "
                      f"['dense', 'hash', 'seed-compatible', 'tcnn', 'auto']")
