@@ -35,7 +35,7 @@ rule train_upsampling:
     threads: 1  # small models: several fractions (or the main training) run side by side
     shell:
         "{CLI} train-upsampling --config-json {params.cfg:q} --set train.threads={threads} "
-        "--fraction {wildcards.frac}"
+        "--fraction {wildcards.frac:q}"
 
 
 rule train_size:
@@ -52,7 +52,7 @@ rule train_size:
         cfg=CFG_JSON,
     threads: 1  # like the upsampling models: several run side by side
     shell:
-        "{CLI} train-size --config-json {params.cfg:q} --set train.threads={threads} --dim {wildcards.dim}"
+        "{CLI} train-size --config-json {params.cfg:q} --set train.threads={threads} --dim {wildcards.dim:q}"
 
 
 def _table_outputs():

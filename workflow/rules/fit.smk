@@ -17,4 +17,4 @@ rule fit:
     params:
         cfg=CFG_JSON,
     shell:
-        "{CLI} fit --config-json {params.cfg:q} --method {wildcards.method} --subject {wildcards.subject}"
+        "{CLI} fit --config-json {params.cfg:q} --method {wildcards.method:q} --subject {wildcards.subject:q}"

@@ -27,4 +27,4 @@ rule train_baseline:
     params:
         cfg=CFG_JSON,
     shell:
-        "{CLI} train-baseline {wildcards.method} --config-json {params.cfg:q}"
+        "{CLI} train-baseline {wildcards.method:q} --config-json {params.cfg:q}"
