@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train-size", "train the continuous model at another code size (reconstruction table) "
             "-> models/cm3dmm_dim{N}/model.pt", "train", "run_train_size")
     p.add_argument("--dim", dest="x_dim", required=True, help="code size id_dim + exp_dim")
+    p = add("import-release", "the paper release's checkpoint + predefined_model_data/ -> a normal model.pt "
+            "(default models/release/model.pt of the run)", "release", "run_import_release")
+    p.add_argument("--checkpoint", dest="x_checkpoint", default=None, help="the release's checkpoint file")
+    p.add_argument("--predefined", dest="x_predefined", default=None, help="the release's predefined_model_data/")
+    p.add_argument("--out", dest="x_out", default=None, help="output model.pt")
     add("evaluate", "metrics + tables -> tables/", "evaluate", "run_evaluate")
     add("figures", "figures -> figures/", "figures", "run_figures")
     return parser

@@ -205,6 +205,18 @@ class EvaluateConfig:
 
 
 @dataclass
+class ReleaseConfig:
+    """The paper release's public artifacts (``cm3dmm import-release``, rule ``import_release``)."""
+
+    checkpoint: str = ""  #: the release's checkpoint (torch.save dict with "state_dict")
+    predefined: str = ""  #: the release's predefined_model_data/ folder
+    exp_num: int = 20  #: expressions per identity of the code tables (row = identity * exp_num + expression)
+    base_resolution: int = 4  #: the release's hash-grid settings (not stored in its checkpoint)
+    finest_resolution: int = 128
+    log2_table_size: int = 15
+
+
+@dataclass
 class Config:
     run: str = "default"  #: results/{run}/
     results: str = "results"
@@ -216,6 +228,7 @@ class Config:
     fit: FitConfig = field(default_factory=FitConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -267,11 +267,14 @@ def save_model(path: str | os.PathLike, model: ContinuousModel, extra: dict | No
     Written atomically. Arrays in ``extra`` may be numpy or torch; they are stored as tensors.
     """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    model_config = config_to_dict(model.cfg)
+    # the encoder backend actually used (never "auto"; "tcnn" also for its pure-torch layout)
+    model_config["encoder"]["backend"] = getattr(model.encoder, "backend", model_config["encoder"]["backend"])
     payload = {
         "format": FILE_FORMAT,
         "format_version": FORMAT_VERSION,
         "method": METHOD,
-        "model_config": config_to_dict(model.cfg),
+        "model_config": model_config,
         "state_dict": state,
         "template": _template_state(model.template),
         "template_hash": str(getattr(model.template, "hash", "")),
@@ -306,6 +309,26 @@ def read_model_file(path: str | os.PathLike, method: str = METHOD) -> dict:
     return payload
 
 
+def _loadable_encoder(mcfg: ModelConfig, state: dict, device) -> ModelConfig:
+    """The model config with an encoder backend that can hold ``state`` on ``device``.
+
+    ``auto`` (files written before the backend was recorded) is decided by the weights: tiny-cuda-nn's
+    ``encoder.enc.params`` means ``tcnn``, else ``dense``. A ``tcnn`` model where tiny-cuda-nn cannot
+    run is evaluated by the same layout in pure torch (``tcnn-torch``, cm3dmm.nn.TcnnLayoutEncoder).
+    """
+    from dataclasses import replace
+
+    from cm3dmm.nn.encoders import tcnn_available
+
+    backend = mcfg.encoder.backend
+    if backend == "auto":
+        backend = "tcnn" if "encoder.enc.params" in state else "dense"
+    if backend == "tcnn" and not tcnn_available(device):
+        log.info("tcnn model without tiny-cuda-nn / CUDA here: its hash grid is evaluated in pure torch")
+        backend = "tcnn-torch"
+    return mcfg if backend == mcfg.encoder.backend else replace(mcfg, encoder=replace(mcfg.encoder, backend=backend))
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ContinuousModel, dict]:
     """Rebuild a :class:`ContinuousModel` from a ``model.pt`` alone.
 
@@ -322,7 +345,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     except (TypeError, AttributeError, RuntimeError) as exc:
         raise InputError(f"model file's template is invalid ({type(exc).__name__})", path) from None
     try:
-        mcfg = config_from_dict({"model": payload["model_config"]}).model
+        mcfg = _loadable_encoder(config_from_dict({"model": payload["model_config"]}).model,
+                                 payload["state_dict"], device)
         model = ContinuousModel(template, mcfg)
         model.load_state_dict(payload["state_dict"])
     except InputError as exc:

@@ -183,3 +183,59 @@ def test_tcnn_backend_on_cpu_is_refused_but_loads_as_tcnn_torch():
 
     enc = make_encoder(replace(cfg, backend="tcnn-torch"))
     assert isinstance(enc, TcnnLayoutEncoder) and enc.backend == "tcnn"
+
+
+# --------------------------------------------------------------------------- model files
+def _tiny_template():
+    from cm3dmm.template import build_template
+    from conftest import make_registered
+
+    d = make_registered(grid=5)
+    t, _ = build_template(d.vertices.mean(0), d.faces, d.uv, levels=1, mask_resolution=16)
+    return t
+
+
+def _model(template, backend):
+    from cm3dmm.config import DecoderConfig, ModelConfig
+    from cm3dmm.model import ContinuousModel
+
+    cfg = ModelConfig(id_dim=3, exp_dim=2, decoder=DecoderConfig(widths=[8]),
+                      encoder=EncoderConfig(backend=backend, n_levels=3, n_features=2, base_resolution=2,
+                                            finest_resolution=12, log2_table_size=6))
+    m = ContinuousModel(template, cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return m.eval()
+
+
+def test_model_file_records_the_backend_used_and_tcnn_loads_on_cpu(tmp_path):
+    from cm3dmm.model import load_model, read_model_file, save_model
+
+    t = _tiny_template()
+    auto = _model(t, "auto")  # no tiny-cuda-nn here: auto -> dense, and the file says dense
+    save_model(tmp_path / "auto.pt", auto)
+    assert read_model_file(tmp_path / "auto.pt")["model_config"]["encoder"]["backend"] == "dense"
+    # a tcnn model: its weights are tiny-cuda-nn's flat encoder.enc.params (built here in that layout)
+    tc = _model(t, "tcnn-torch")
+    save_model(tmp_path / "tcnn.pt", tc)
+    payload = read_model_file(tmp_path / "tcnn.pt")
+    assert payload["model_config"]["encoder"]["backend"] == "tcnn"
+    assert payload["state_dict"]["encoder.enc.params"].ndim == 1
+    loaded, _ = load_model(tmp_path / "tcnn.pt")
+    assert isinstance(loaded.encoder, TcnnLayoutEncoder)
+    uv = torch.rand(20, 2, generator=torch.Generator().manual_seed(2))
+    z = torch.randn(2, 3), torch.randn(2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.deformation(uv, *z), tc.deformation(uv, *z))
+    # an old file that says "auto" but holds tiny-cuda-nn's weights loads as tcnn too
+    payload["model_config"]["encoder"]["backend"] = "auto"
+    torch.save(payload, tmp_path / "old.pt")
+    assert isinstance(load_model(tmp_path / "old.pt")[0].encoder, TcnnLayoutEncoder)
+    # a tiny-cuda-nn layout that does not map: one line naming the file
+    payload["model_config"]["encoder"]["backend"] = "tcnn"
+    payload["state_dict"]["encoder.enc.params"] = torch.zeros(7)
+    torch.save(payload, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="other.pt.*does not map onto the pure-torch one"):
+        load_model(tmp_path / "other.pt")
