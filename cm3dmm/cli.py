@@ -41,11 +41,31 @@ def _stage(module: str, func: str) -> Callable:
         import importlib
 
         cfg = _load_cfg(args)
-        fn = getattr(importlib.import_module(f"cm3dmm.{module}"), func)
         extra = {k: v for k, v in vars(args).items() if k.startswith("x_") and v is not None}
+        _check_output_folder(args.command, cfg, extra)
+        fn = getattr(importlib.import_module(f"cm3dmm.{module}"), func)
         return fn(cfg, **{k[2:]: v for k, v in extra.items()})
 
     return run
+
+
+#: the folder (under the run folder) each stage writes into; ``check`` writes nothing
+_OUTPUT_FOLDERS = {"prepare": "data", "template": "template", "cache": "cache", "train": "models",
+                   "train-baseline": "models", "fit": "fits", "train-upsampling": "models", "train-size": "models",
+                   "import-release": "models", "evaluate": "tables", "figures": "figures"}
+
+
+def _check_output_folder(command: str, cfg, extra: dict) -> None:
+    """Before a stage's work: its output folder can be created and written and has some free space
+    (cm3dmm.io.atomic.check_writable), so a read-only folder or a full disk is one line up front."""
+    from pathlib import Path
+
+    from cm3dmm.io.atomic import check_writable
+
+    if command not in _OUTPUT_FOLDERS:
+        return
+    out = extra.get("x_out")
+    check_writable(Path(out).parent if out else Path(cfg.run_dir) / _OUTPUT_FOLDERS[command])
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -109,7 +129,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", dest="x_out", default=None, help="output model.pt")
     add("evaluate", "metrics + tables -> tables/", "evaluate", "run_evaluate")
     add("figures", "figures -> figures/", "figures", "run_figures")
+    _add_model_tools(sub)
     return parser
+
+
+def _tool(module: str, func: str) -> Callable:
+    """A command that needs no run config: its ``x_`` arguments go to ``cm3dmm.{module}.{func}``."""
+    def run(args):
+        import importlib
+
+        fn = getattr(importlib.import_module(f"cm3dmm.{module}"), func)
+        return fn(**{k[2:]: v for k, v in vars(args).items() if k.startswith("x_") and v is not None})
+
+    return run
+
+
+def _add_model_tools(sub) -> None:
+    """``sample``, ``mesh`` and ``view``: a trained model file -> meshes / an interactive page."""
+    def common(p, out_default):
+        p.add_argument("--model", dest="x_model", required=True, help="model.pt (cm3dmm, pca or bilinear)")
+        p.add_argument("--template", dest="x_template", default=None,
+                       help="template.npz for a baseline outside its run folder")
+        p.add_argument("--level", dest="x_level", type=int, default=None, help="upsampling level (default 0)")
+        p.add_argument("--grid", dest="x_grid", type=int, default=None, help="a uniform UV grid of N x N instead")
+        p.add_argument("--out", dest="x_out", default=out_default, help="output folder (default: %(default)s)")
+        p.add_argument("--format", dest="x_fmt", default="obj", choices=["obj", "ply", "glb"],
+                       help="mesh format, with UVs (default: %(default)s)")
+
+    h = "random faces from a model's training-code distribution -> meshes with UVs + codes.npz"
+    p = sub.add_parser("sample", help=h, description=h)
+    common(p, "samples")
+    p.add_argument("-n", dest="x_n", type=int, default=8, help="number of faces (default: %(default)s)")
+    p.add_argument("--seed", dest="x_seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.set_defaults(func=_tool("api", "run_sample"))
+    h = "meshes with UVs from codes (codes.npz of `sample`, or a fit's .npz; default: the mean face)"
+    p = sub.add_parser("mesh", help=h, description=h)
+    common(p, "meshes")
+    p.add_argument("--codes", dest="x_codes", default=None, help=".npz with z_id and z_exp")
+    p.add_argument("--index", dest="x_index", type=int, action="append", default=None,
+                   help="only this row of the codes (repeatable)")
+    p.set_defaults(func=_tool("api", "run_mesh"))
+    h = "serve an interactive viewer of a model (and its fits) in the browser"
+    p = sub.add_parser("view", help=h, description=h)
+    p.add_argument("--model", dest="x_model", required=True, help="model.pt (cm3dmm, pca or bilinear)")
+    p.add_argument("--template", dest="x_template", default=None, help="template.npz for a baseline")
+    p.add_argument("--fits", dest="x_fits", default=None, help="a folder of fits (*.npz) to browse")
+    p.add_argument("--host", dest="x_host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
+    p.add_argument("--port", dest="x_port", type=int, default=8080, help="port (default: %(default)s)")
+    p.set_defaults(func=_tool("viewer", "run_view"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cm3dmm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (OSError, RuntimeError) as exc:  # the operating system's errors: one line, path and cause
+        from cm3dmm.errors import os_error_cause
+
+        cause = os_error_cause(exc)
+        if args.debug or cause is None:
+            raise
+        path = getattr(exc, "filename", None)
+        print(f"cm3dmm {args.command}: error: " + (f"{path}: " if path else "") + cause, file=sys.stderr)
+        return 2
     except MemoryError:
         if args.debug:
             raise

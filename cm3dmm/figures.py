@@ -12,7 +12,7 @@ Figures (file names: :data:`cm3dmm.paths.FIGURES`):
   most different expression), for the methods with an identity/expression split (cm3dmm, bilinear);
 * ``random_faces`` — faces sampled from each method's code distribution: a Gaussian with the full
   covariance of each model's training codes (identity and expression codes as two separate
-  Gaussians, :func:`sample_codes`), fixed seed. Unlike per-dimension sampling, it keeps the
+  Gaussians, :func:`cm3dmm.api.sample_codes`), fixed seed. Unlike per-dimension sampling, it keeps the
   correlations between code dimensions and stays on the affine span of the training codes when they
   span fewer dimensions than the code size (e.g. a few training subjects in a 64-D identity space);
 * ``error_maps`` — per-vertex error of each method, mean over every face of every test subject
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cm3dmm.api import lerp, sample_codes, training_codes
 from cm3dmm.errors import InputError
 from cm3dmm.io.atomic import atomic_path
 from cm3dmm.paths import FIGURES, RunPaths
@@ -245,8 +246,7 @@ def fig_interpolation(run: _Run, path: Path, kind: str) -> Path:
     for m in methods:
         fm = run.models[m]
         (i0, e0), (i1, e1) = _strip_codes(run, m, kind)
-        zi = np.stack([(1 - t) * i0 + t * i1 for t in ts])
-        ze = np.stack([(1 - t) * e0 + t * e1 for t in ts])
+        zi, ze = lerp(i0, i1, ts), lerp(e0, e1, ts)
         v, _ = fm.mesh(_torch(zi, fm), _torch(ze, fm), 0)
         rows.append(np.asarray(v, np.float64))
     a, b, neutral, far = _strip_choice(run)
@@ -258,56 +258,9 @@ def fig_interpolation(run: _Run, path: Path, kind: str) -> Path:
                     f"{kind} interpolation (linear in code space)\n{desc}")
 
 
-def sample_codes(codes: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` draws (n, D) from the Gaussian with the empirical mean and full covariance (ddof 1)
-    of the code table ``codes`` (K, D), one row per training code.
-
-    Drawn as ``mean + z S V^T / sqrt(K - 1)`` from the thin SVD ``U S V^T`` of the centred codes
-    (``z`` standard normal): the square root of the covariance without forming it, exact for a
-    rank-deficient covariance (K <= D, or codes on a lower-dimensional subspace), whose samples
-    then stay on the affine span of the training codes. K = 1: every draw is that code.
-    """
-    c = np.asarray(codes, dtype=np.float64)
-    if c.ndim != 2 or len(c) < 1:
-        raise ValueError(f"codes must have shape (K >= 1, D), got {c.shape}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    k, d = c.shape
-    mean = c.mean(axis=0)
-    if d == 0 or k < 2:
-        return np.broadcast_to(mean, (n, d)).copy()
-    _, sv, vt = np.linalg.svd(c - mean, full_matrices=False)  # (r,), (r, D), r = min(K, D)
-    factor = (sv / np.sqrt(k - 1))[:, None] * vt  # factor^T factor = covariance
-    return mean + rng.standard_normal((n, len(sv))) @ factor
-
-
 def _training_codes(run: _Run, method: str) -> tuple[np.ndarray, np.ndarray]:
-    """The training code tables (identity (K_id, Di), expression (K_exp, De)) of a method, one
-    row per learned code: cm3dmm's code tables, pca's training-face codes (no expression block),
-    bilinear's identity / expression weights."""
-    fm = run.models[method]
-    if method == "cm3dmm":
-        from cm3dmm.model import load_model
-
-        _, extra = load_model(run.paths.model(method))
-        tables = extra.get("codes") if isinstance(extra, dict) else None
-        if not tables or "id" not in tables or "exp" not in tables:
-            raise InputError("model file has no training code tables (extra['codes'])", run.paths.model(method))
-        zi, ze = np.asarray(tables["id"], np.float64), np.asarray(tables["exp"], np.float64)
-    else:
-        from cm3dmm.baselines import load_baseline
-
-        base = load_baseline(run.paths.model(method))
-        if base.method == "pca":
-            zi = np.asarray(base.train_codes, np.float64)
-            ze = np.zeros((len(zi), 0))
-        else:
-            zi, ze = np.asarray(base.id_weights, np.float64), np.asarray(base.exp_weights, np.float64)
-    for name, z, dim in (("identity", zi, fm.id_dim), ("expression", ze, fm.exp_dim)):
-        if z.ndim != 2 or len(z) < 1 or z.shape[1] != dim:
-            raise InputError(f"the {method} model's {name} training codes have shape {z.shape}, "
-                             f"expected (K >= 1, {dim})", run.paths.model(method))
-    return zi, ze
+    """The training code tables of a method (:func:`cm3dmm.api.training_codes`)."""
+    return training_codes(run.paths.model(method), run.models[method])
 
 
 def fig_random(run: _Run, path: Path, seed: int = 0) -> Path:

@@ -1339,6 +1339,8 @@ def run_fit(cfg, method: str | None = None, subject: str | None = None, model: s
         except ImportError:  # pragma: no cover - template module always present in releases
             template = None
     fm = load_method(model_path, template=template, expect=expect)
+    if template is not None:  # the baselines' UVs for the written meshes (cm3dmm.export.template_of)
+        fm.template = template
     units = units or getattr(fc, "units", "auto")
     scan_list = list(scan or [])
     if scan_list:
@@ -1433,7 +1435,9 @@ def write_fit(out_npz: Path, result: FitResult, fm: FaceModel, method: str, subj
         log.warning("could not render %s (%s)", out_npz.with_suffix(".png"), exc)
         summary["warnings"].append(f"no figure: {exc}")
     if meshes:
-        summary["meshes"] = write_meshes(out_npz, result, fm, expressions, fc.level, scans)
+        from cm3dmm.export import write_fit_meshes  # with UVs (vt) and landmark positions
+
+        summary["meshes"] = write_fit_meshes(out_npz, result, fm, expressions, fc.level, scans)
     atomic_write_json(out_npz.with_suffix(".json"), summary)
     return summary
 
