@@ -11,6 +11,13 @@ for the identity and the expression table alike. ``cos`` is a cosine-embedding l
 pairs of a batch: ``1 - cos(a, b)`` for pairs with the same label (pulled together),
 ``max(0, cos(a, b) - margin)`` for pairs with different labels (pushed apart).
 Device and dtype follow the inputs.
+
+:func:`paper_loss` is the release's objective exactly as its code computes it (SEED.md, "Model";
+``train.preset: paper``): the cosine terms use **fixed pairs over the whole code tables**
+(:func:`release_pairs`), evaluated every step, never pairs inside the batch; only the "same"
+pairs count (the release gives its "different" pairs target 0, which ``F.cosine_embedding_loss``
+ignores), so each cosine term is ``(mean over same pairs of (1 - cos) + 0) / 2``; the priors weigh
+``reg_weight * 0.3`` (0.03).
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ __all__ = [
     "code_mean_prior",
     "code_std_prior",
     "training_loss",
+    "release_pairs",
+    "pair_pull",
+    "paper_loss",
 ]
 
 
@@ -103,6 +113,84 @@ def training_loss(
     distance = point_distance(pred, target)
     id_cos = cosine_embedding_pairs(id_codes, id_labels)
     exp_cos = cosine_embedding_pairs(exp_codes, exp_labels)
+    mean_prior = code_mean_prior(id_table) + code_mean_prior(exp_table)
+    std_prior = code_std_prior(id_table, code_std) + code_std_prior(exp_table, code_std)
+    total = distance + reg_weight * (id_cos + exp_cos) + prior_weight * (mean_prior + std_prior)
+    return {"total": total, "distance": distance, "id_cos": id_cos, "exp_cos": exp_cos,
+            "mean_prior": mean_prior, "std_prior": std_prior}
+
+
+# --------------------------------------------------------------------------- the release's objective
+def _anchor_pairs(group: torch.Tensor, order: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(2, K) row pairs (anchor, member): within each ``group``, the member with the smallest
+    ``order`` is the anchor, paired with every other member (pairs of a row with itself dropped)."""
+    pairs = []
+    for g in torch.unique(group):
+        sel = torch.nonzero(group == g).flatten()
+        anchor = rows[sel[torch.argmin(order[sel])]]
+        members = torch.unique(rows[sel])
+        members = members[members != anchor]
+        pairs.append(torch.stack([anchor.expand(len(members)), members]))
+    if not pairs:
+        return torch.zeros(2, 0, dtype=torch.long)
+    return torch.cat(pairs, 1)
+
+
+def release_pairs(subject_label, expression_label, id_row, exp_row) -> dict[str, torch.Tensor]:
+    """The release's fixed "same" pairs over the whole code tables, for :func:`paper_loss`.
+
+    Inputs: (n,) integer arrays / tensors over the training faces: subject and expression labels and
+    the faces' rows in the identity and expression tables. Returns ``{"id": (2, Ki), "exp": (2, Ke)}``
+    long tensors of table rows:
+
+    * identity: each subject's face of its first expression (label order; expression 0 in the
+      release) paired with each of the subject's other faces;
+    * expression: each expression's face of the first subject that has it (subject 0 in the
+      release) paired with each other subject's face of that expression.
+
+    Pairs of a row with itself (e.g. one identity row per subject) are dropped. The release's
+    "different" pairs (all subjects at expression 0 / all expressions at subject 0) are not
+    built: they are given target 0, which contributes nothing (see :func:`paper_loss`).
+    """
+    s, e, ir, er = (torch.as_tensor(x, dtype=torch.long) for x in (subject_label, expression_label, id_row, exp_row))
+    if not (s.shape == e.shape == ir.shape == er.shape) or s.ndim != 1:
+        raise ValueError("subject_label, expression_label, id_row and exp_row must be (n,) of one length")
+    return {"id": _anchor_pairs(s, e, ir), "exp": _anchor_pairs(e, s, er)}
+
+
+def pair_pull(table: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """The release's cosine term over fixed pairs: ``(mean_k (1 - cos(table[a_k], table[b_k])) + 0) / 2``.
+
+    ``F.cosine_embedding_loss`` of the "same" pairs (target 1) and of the "different" pairs (target 0,
+    counted by neither branch, so 0), averaged. table: (R, D); pairs: (2, K). 0 when K = 0.
+    """
+    if table.ndim != 2 or pairs.ndim != 2 or pairs.shape[0] != 2:
+        raise ValueError(f"table (R, D) and pairs (2, K) expected, got {tuple(table.shape)}, {tuple(pairs.shape)}")
+    if pairs.shape[1] == 0:
+        return table.sum() * 0.0
+    pairs = pairs.to(table.device)
+    cos = F.cosine_similarity(table[pairs[0]], table[pairs[1]], dim=1, eps=1e-8)
+    return ((1.0 - cos).mean() + 0.0) / 2.0
+
+
+#: the release's prior factor inside its regulariser: reg_weight * (cos + 0.3 * priors)
+RELEASE_PRIOR_FACTOR = 0.3
+
+
+def paper_loss(pred: torch.Tensor, target: torch.Tensor, id_table: torch.Tensor, exp_table: torch.Tensor,
+               pairs: dict[str, torch.Tensor], reg_weight: float = 0.1, prior_weight: float = 0.03,
+               code_std: float = 0.01) -> dict[str, torch.Tensor]:
+    """The release's objective (``train.preset: paper``), term by term.
+
+    ``distance + reg_weight * (pull_id + pull_exp) + prior_weight * (mean priors + std priors)``
+    with the pulls of :func:`pair_pull` over ``pairs`` (:func:`release_pairs`) on the whole tables
+    and the priors of :func:`code_mean_prior` / :func:`code_std_prior` on the whole tables; the
+    release's ``0.1 * (cos + 0.3 * prior)`` is ``reg_weight = 0.1``, ``prior_weight = 0.03``.
+    Returns the same keys as :func:`training_loss`.
+    """
+    distance = point_distance(pred, target)
+    id_cos = pair_pull(id_table, pairs["id"])
+    exp_cos = pair_pull(exp_table, pairs["exp"])
     mean_prior = code_mean_prior(id_table) + code_mean_prior(exp_table)
     std_prior = code_std_prior(id_table, code_std) + code_std_prior(exp_table, code_std)
     total = distance + reg_weight * (id_cos + exp_cos) + prior_weight * (mean_prior + std_prior)

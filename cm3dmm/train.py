@@ -12,7 +12,9 @@ Training owns the latent code tables (``nn.Embedding``, initialised N(0, code_st
   tied together by the cosine-embedding losses (same subject / same expression pulled together);
 * ``code_mode: per-subject``: one identity code per subject, one expression code per face.
 
-Objective: :func:`cm3dmm.losses.training_loss`. Optimiser: Adam (network ``lr``, codes
+Objective: :func:`cm3dmm.losses.training_loss` (``train.preset: paper``: the release's
+:func:`cm3dmm.losses.paper_loss` over fixed code pairs, PyTorch's default initialisation of the
+output layer; docs/paper-preset.md). Optimiser: Adam (network ``lr``, codes
 ``code_lr``), multi-step decay at ``lr_milestones`` (fractions of ``steps``) by ``lr_gamma``.
 
 **Batches** are a pure function of ``(seed, step)``: the faces of step ``s`` are positions
@@ -72,7 +74,7 @@ from torch import nn
 from cm3dmm.config import Config, config_to_dict
 from cm3dmm.errors import InputError, StageError
 from cm3dmm.io.atomic import atomic_path, atomic_write_text
-from cm3dmm.losses import training_loss
+from cm3dmm.losses import paper_loss, release_pairs, training_loss
 from cm3dmm.model import METHOD, ContinuousModel, save_model
 from cm3dmm.paths import RunPaths
 
@@ -536,6 +538,10 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
     torch.manual_seed(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
     model = ContinuousModel(template, cfg.model, device=device)
+    paper_pairs = None
+    if tc.preset == "paper":  # the release: PyTorch's default init, fixed code pairs (docs/paper-preset.md)
+        model.decoder.out.reset_parameters()
+        paper_pairs = release_pairs(data.subject_label, data.expression_label, data.id_row, data.exp_row)
     net = CodeTables(model, data.n_id_codes, data.n_exp_codes, tc.code_std, gen).to(device)
     code_params = list(net.id_codes.parameters()) + list(net.exp_codes.parameters())
     opt = torch.optim.Adam([{"params": list(net.model.parameters()), "lr": tc.lr},
@@ -603,12 +609,16 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
             id_rows = torch.as_tensor(data.id_row[positions], device=device)
             exp_rows = torch.as_tensor(data.exp_row[positions], device=device)
             pred, z_id, z_exp = ddp(batch["uv"], batch["avg"], id_rows, exp_rows)
-            terms = training_loss(
-                pred, batch["target"], z_id, z_exp,
-                torch.as_tensor(data.subject_label[positions], device=device),
-                torch.as_tensor(data.expression_label[positions], device=device),
-                net.id_codes.weight, net.exp_codes.weight,
-                tc.reg_weight, tc.prior_weight, tc.code_std)
+            if paper_pairs is not None:
+                terms = paper_loss(pred, batch["target"], net.id_codes.weight, net.exp_codes.weight, paper_pairs,
+                                   tc.reg_weight, tc.prior_weight, tc.code_std)
+            else:
+                terms = training_loss(
+                    pred, batch["target"], z_id, z_exp,
+                    torch.as_tensor(data.subject_label[positions], device=device),
+                    torch.as_tensor(data.expression_label[positions], device=device),
+                    net.id_codes.weight, net.exp_codes.weight,
+                    tc.reg_weight, tc.prior_weight, tc.code_std)
             values = torch.stack([terms[k].detach() for k in LOSS_TERMS])
             if dist.world > 1:
                 import torch.distributed as tdist
