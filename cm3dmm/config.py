@@ -53,6 +53,7 @@ class FaceScapeSourceConfig:
     crop: str = ""  #: vertex-index file (.txt/.npy) or UV-space mask image (.png); "" = whole mesh
     units: str = "mm"  #: units of the OBJ files: mm | cm | m
     allow_missing: bool = True  #: missing (subject, expression) pairs are reported, not fatal
+    scans: str = ""  #: optional folder of detail scans {id}/{k}_{name}.ply|obj[.gz] (continuous samples)
 
 
 @dataclass
@@ -131,6 +132,9 @@ class ModelConfig:
 class TrainConfig:
     preset: str = ""  #: "" | paper | cpu — fills model/train defaults before the file's own keys
     code_mode: str = "per-face"  #: per-face (release) | per-subject identity codes
+    #: continuous points: surface (interpolated on the registered mesh) | scan (the face's scan points
+    #: near it, as the release; faces without a scan use surface points)
+    continuous: str = "surface"
     steps: int = 3000  #: optimiser steps
     batch_faces: int = 8
     vertex_points: int = 2000
@@ -245,6 +249,7 @@ _CHOICES = {
     "model.encoder.backend": ("dense", "hash", "seed-compatible", "tcnn", "auto"),
     "train.preset": ("", "paper", "cpu"),
     "train.code_mode": ("per-face", "per-subject"),
+    "train.continuous": ("surface", "scan"),
     "fit.mode": ("per-subject", "per-face"),
     "fit.optimizer": ("lm", "lbfgs", "adam"),
     "fit.units": ("mm", "cm", "m", "auto"),

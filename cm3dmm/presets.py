@@ -18,7 +18,7 @@ PAPER = {
     },
     "train": {"batch_faces": 20, "vertex_points": 10000, "continuous_points": 5000, "lr": 1e-3,
               "code_lr": 1e-3, "lr_milestones": [], "reg_weight": 0.1, "prior_weight": 0.03, "code_std": 0.01,
-              "code_mode": "per-face"},
+              "code_mode": "per-face", "continuous": "scan"},
 }
 
 #: The CPU default (chosen by measurement, see benchmarks/README.md).

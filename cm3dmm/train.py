@@ -126,6 +126,7 @@ class TrainData:
     subject_label: np.ndarray
     expression_label: np.ndarray
     id_names: list[str]  #: what each identity-code row stands for (subject or subject/expression)
+    continuous: str = "surface"  #: train.continuous: surface | scan (the cache's scan points, SampleCache.read)
 
     @property
     def n(self) -> int:
@@ -181,7 +182,8 @@ class TrainData:
         order = []
         for e in np.unique(epochs):
             sel = np.flatnonzero(epochs == e)
-            batch = self.cache.read(self.faces[positions[sel]], n_vertex, n_continuous, offset=int(e))
+            kw = {} if self.continuous == "surface" else {"continuous": self.continuous}
+            batch = self.cache.read(self.faces[positions[sel]], n_vertex, n_continuous, offset=int(e), **kw)
             for k in parts:
                 parts[k].append(np.asarray(batch[k], np.float32))
             order.append(sel)
@@ -496,6 +498,7 @@ def train(cfg: Config, template, cache, paths: RunPaths, method: str = METHOD,
         torch.set_num_threads(tc.threads)
     device = _device(tc.device, dist)
     data = TrainData.from_cache(cache, tc.code_mode)
+    data.continuous = tc.continuous
     if tc.batch_faces < dist.world:
         raise InputError(f"train.batch_faces ({tc.batch_faces}) is smaller than the number of processes "
                          f"({dist.world})")

@@ -99,7 +99,7 @@ def test_paper_preset_values():
     t = cfg.train
     assert (t.lr, t.code_lr, t.lr_milestones) == (1e-3, 1e-3, [])
     assert (t.reg_weight, t.prior_weight, t.code_std, t.code_mode) == (0.1, 0.03, 0.01, "per-face")
-    assert (t.batch_faces, t.vertex_points, t.continuous_points) == (20, 10000, 5000)
+    assert (t.batch_faces, t.vertex_points, t.continuous_points, t.continuous) == (20, 10000, 5000, "scan")
 
 
 @pytest.fixture(scope="module")

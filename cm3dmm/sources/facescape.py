@@ -8,14 +8,27 @@ an ``{id}_`` prefix on the file names and ``.obj.gz`` are tolerated, ``dpmap/`` 
 
 The **download check** (:func:`check_facescape`) runs before anything else: it lists every
 missing (identity, expression) pair and then reads every present file, reporting every
-unreadable one and every mesh whose vertex count differs from the majority. Missing pairs are
-allowed when ``allow_missing`` (5,595 of the 6,000 pairs exist in the real release) but
-reported; unreadable or mismatched files are fatal. :func:`load` performs the same check in
-the same single pass over the files and keeps the (cropped) vertices.
+unreadable one and every mesh whose vertex count differs from the majority; TU models of
+FaceScape v1.3 have 26,317 vertices (:data:`TU_VERTICES`), and a majority count other than that
+is reported too. Missing pairs are allowed when ``allow_missing`` (the release's list holds
+5,996 of the 6,000 pairs, missing 54/10, 66/15, 73/20 and 215/9; 5,596 of them in identities
+1-280, of which the release trains 5,595) but reported; unreadable or mismatched files are fatal.
+:func:`load` performs the same check in the same single pass over the files and keeps the
+(cropped) vertices.
 
 The TU models are assumed to be in the project's axes (x to the subject's left, y up, z out
-of the face); ``units`` converts them to mm; ``crop`` selects the front face (vertex-index
-file or UV mask image, see :mod:`cm3dmm.sources.crop`).
+of the face); ``units`` converts them to mm. ``crop`` selects the front face region the paper
+models (12,483 vertices, :data:`FRONT_VERTICES`): ``front`` (the release's ``front_faces.npy``
+found beside the TU-model folder, :func:`front_faces_file`), the path of a ``front_faces.npy`` (its
+triangles, in TU vertex ids or in the region's own compact ids, 0- or 1-based; see
+:func:`front_region_indices`), a vertex-index file or a UV mask image (:mod:`cm3dmm.sources.crop`).
+
+**Detail scans** (``scans``, optional): a folder holding ``{id}/{k}_{name}.ply`` (or ``.obj``,
+``[.gz]``, an ``{id}_`` prefix tolerated, also under ``{id}/models_scan/``), in the TU models'
+frame and units. Each found scan becomes the face's scan in the registered data; the cache keeps
+its points within ``cache.scan_distance`` of the registered surface with the UV of their
+projection (the release's continuous samples) and training reads them with
+``train.continuous: scan``. Faces without a scan train on points of their registered surface.
 """
 
 from __future__ import annotations
@@ -40,6 +53,12 @@ LICENCE_HINT = ("FaceScape is obtained from its owners under licence (https://fa
 
 #: How many entries of each list an error message shows.
 SHOW = 20
+#: vertices of a FaceScape v1.3 TU model
+TU_VERTICES = 26317
+#: vertices of the front face region the paper models (the release's front_faces.npy)
+FRONT_VERTICES = 12483
+#: (identity, expression number) pairs missing from the release's list of 5,996 faces
+RELEASE_MISSING = ((54, 10), (66, 15), (73, 20), (215, 9))
 
 
 @dataclass
@@ -72,12 +91,16 @@ class FaceScapeCheck:
         out += [f"unreadable: {f}: {why}" for f, why in self.unreadable]
         out += [f"vertex count {n} differs from the majority {self.vertex_count}: {f}"
                 for f, n in self.mismatched]
+        if self.vertex_count and self.vertex_count != TU_VERTICES:
+            out.append(f"the TU models have {self.vertex_count} vertices, FaceScape v1.3's have {TU_VERTICES}")
         return out
 
     def summary(self) -> str:
+        tu = "" if not self.vertex_count or self.vertex_count == TU_VERTICES else \
+            f" (FaceScape v1.3 TU models have {TU_VERTICES})"
         return (f"FaceScape check of {self.root}: {self.n_found} of {self.n_expected} meshes found, "
                 f"{len(self.missing)} missing, {len(self.unreadable)} unreadable, "
-                f"{len(self.mismatched)} with a vertex count other than {self.vertex_count}")
+                f"{len(self.mismatched)} with a vertex count other than {self.vertex_count}{tu}")
 
     def message(self) -> str:
         """A one-line, user-facing description of the fatal problems."""
@@ -100,7 +123,8 @@ class FaceScapeCheck:
             "missing_identities": self.missing_identities,
             "unreadable": [[f, w] for f, w in self.unreadable],
             "mismatched": [[f, n] for f, n in self.mismatched],
-            "vertex_count": self.vertex_count, "seconds": round(self.seconds, 3),
+            "vertex_count": self.vertex_count, "tu_vertices": TU_VERTICES,
+            "seconds": round(self.seconds, 3),
         }
 
     def raise_if_fatal(self) -> None:
@@ -129,6 +153,80 @@ def find_model(root: Path, identity: int, expression: str) -> Path | None:
             if f.is_file():
                 return f
     return None
+
+
+def find_scan(root: Path, identity: int, expression: str) -> Path | None:
+    """The detail scan of one (identity, expression) under the scans folder ``root``, or None."""
+    k = _expression_number(expression)
+    for folder in (root / str(identity), root / str(identity) / "models_scan"):
+        for stem in (f"{k}_{expression}", f"{identity}_{k}_{expression}"):
+            for suffix in (".ply", ".obj", ".ply.gz", ".obj.gz"):
+                f = folder / f"{stem}{suffix}"
+                if f.is_file():
+                    return f
+    return None
+
+
+def front_region_indices(path: str | Path, mesh) -> np.ndarray | None:
+    """TU vertex ids (K,) of the front region given by the release's ``front_faces.npy``, or None
+    when ``path`` does not hold triangles (then it is an ordinary crop file).
+
+    The triangles may use TU vertex ids (the region's vertices are the ones they use) or the
+    region's own compact ids ``0 .. K-1``; 1-based files are shifted (the release subtracts 1 when
+    the minimum is 1). Compact ids name the first K TU vertices when every triangle is then a TU
+    triangle; otherwise the map to the TU mesh cannot be derived from the file (InputError: give a
+    vertex-index file instead).
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".npy" or not path.is_file():
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception:  # noqa: BLE001 - crop_indices reports unreadable files
+        return None
+    if arr.ndim != 2 or arr.shape[1] != 3 or not np.issubdtype(arr.dtype, np.integer) or not len(arr):
+        return None
+    tri = arr.astype(np.int64)
+    if tri.min() == 1:
+        tri = tri - 1
+    n = mesh.n_vertices
+    if tri.min() < 0 or tri.max() >= n:
+        raise InputError(f"front-region triangles use vertex ids {int(tri.min())}..{int(tri.max())}, outside "
+                         f"the TU model's 0..{n - 1}", path)
+    used = np.unique(tri)
+    tu = {tuple(sorted(t)) for t in np.asarray(mesh.faces, np.int64).tolist()}
+    as_tu = all(tuple(sorted(t)) in tu for t in tri.tolist())
+    if len(used) == int(tri.max()) + 1 and len(used) < n:
+        # compact ids: the first K TU vertices when that makes every triangle a TU triangle
+        if as_tu:
+            return used
+        raise InputError(f"front-region triangles use compact ids 0..{len(used) - 1} that are not the first "
+                         f"{len(used)} TU vertices; give the region's TU vertex ids (.npy / .txt) as "
+                         f"data.facescape.crop", path)
+    if not as_tu:
+        raise InputError("front-region triangles are not triangles of the TU model", path)
+    return used
+
+
+def front_faces_file(root: Path) -> Path:
+    """``crop: front``: the release's ``front_faces.npy`` beside or above the TU-model folder."""
+    places = [root / "front_faces.npy", root / "predefined_model_data" / "front_faces.npy",
+              root.parent / "predefined_model_data" / "front_faces.npy"]
+    for f in places:
+        if f.is_file():
+            return f
+    raise InputError("data.facescape.crop: 'front' needs the release's front_faces.npy (looked in "
+                     + ", ".join(str(f) for f in places) + "); give its path (or a vertex-index file) as "
+                     "data.facescape.crop, or \"\" for the whole TU model")
+
+
+def _crop_indices(crop: str, mesh) -> np.ndarray:
+    idx = front_region_indices(crop, mesh)
+    if idx is None:
+        return crop_indices(crop, mesh)
+    if len(idx) != FRONT_VERTICES and mesh.n_vertices == TU_VERTICES:
+        log.warning("the front region of %s has %d vertices; the paper's has %d", crop, len(idx), FRONT_VERTICES)
+    return idx
 
 
 def _root(cfg) -> Path:
@@ -221,7 +319,8 @@ def load_checked(cfg) -> tuple[RegisteredData, FaceScapeCheck]:
     if template is None:
         chk, _ = _scan(cfg)
         raise InputError(chk.message())
-    idx = crop_indices(cfg.crop, template) if cfg.crop else np.arange(template.n_vertices)
+    crop = str(front_faces_file(_root(cfg))) if cfg.crop == "front" else cfg.crop
+    idx = _crop_indices(crop, template) if crop else np.arange(template.n_vertices)
     faces, uv = apply_crop(template, idx)
     scale = unit_scale(cfg.units, "data.facescape.units")
     n_template = template.n_vertices
@@ -236,7 +335,9 @@ def load_checked(cfg) -> tuple[RegisteredData, FaceScapeCheck]:
     if chk.missing:
         log.warning("FaceScape: %d of %d (identity, expression) pairs are missing: %s",
                     len(chk.missing), chk.n_expected, _show([f"{i}/{e}" for i, e in chk.missing]))
+    scans = _read_scans(cfg, chk, scale)
     data = RegisteredData(
+        scans=scans,
         vertices=np.stack([kept[j] for j in range(chk.n_found)]),
         faces=faces,
         subject=[str(i) for i, _e, _f in chk.found],
@@ -248,6 +349,29 @@ def load_checked(cfg) -> tuple[RegisteredData, FaceScapeCheck]:
                "crop": cfg.crop, "n_missing": len(chk.missing), "n_expected": chk.n_expected},
     )
     return data, chk
+
+
+def _read_scans(cfg, chk: FaceScapeCheck, scale: float) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+    """The detail scans of the found faces (``cfg.scans``), keyed by the face's position, in mm."""
+    folder = getattr(cfg, "scans", "")
+    if not folder:
+        return {}
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError("data.facescape.scans: the detail-scan folder does not exist", root)
+    scans = {}
+    for j, (i, e, _f) in enumerate(chk.found):
+        f = find_scan(root, i, e)
+        if f is None:
+            continue
+        m = read_mesh(f)
+        scans[j] = ((m.vertices * scale).astype(np.float32),
+                    m.faces.astype(np.int32) if len(m.faces) else None)
+    log.info("FaceScape: %d of %d faces have a detail scan in %s", len(scans), chk.n_found, root)
+    if not scans:
+        log.warning("data.facescape.scans: no detail scan found under %s (expected e.g. %s)", root,
+                    root / "1" / "1_neutral.ply")
+    return scans
 
 
 def load(cfg) -> RegisteredData:
