@@ -216,8 +216,11 @@ class Model:
 
     # -------------------------------------------------------------- codes
     def codes(self, z_id, z_exp=None) -> Codes:
-        """Codes from arrays: ``z_id`` (B, Di) and ``z_exp`` (B, De), or one array (B, Di + De)
-        with ``z_exp`` None; one face may be given as 1-D arrays. InputError on a wrong size."""
+        """Codes from arrays: ``z_id`` (B, Di) and ``z_exp`` (B, De) (or the pair as a tuple), or one
+        array (B, Di + De) with ``z_exp`` None; one face may be given as 1-D arrays. InputError on a
+        wrong size."""
+        if isinstance(z_id, tuple) and len(z_id) == 2 and z_exp is None:
+            z_id, z_exp = z_id
         if isinstance(z_id, Codes) and z_exp is None:
             c = z_id
         else:
