@@ -404,17 +404,23 @@ class Model:
     def _scan_landmarks(self, landmarks, files) -> list[dict]:
         if landmarks is None:
             return [{} for _ in files]
+        from cm3dmm.landmarks import check_names
+
         sets = [landmarks] if isinstance(landmarks, dict) else list(landmarks)
         if len(sets) != len(files):
             raise InputError(f"{len(sets)} landmark sets for {len(files)} scans")
-        known = set(getattr(self.fm, "landmarks", {}) or {})
-        out = []
-        for s in sets:
-            unknown = sorted(set(s) - known)
-            if unknown:
-                raise InputError(f"unknown landmark names {unknown}; the template has {sorted(known)}")
-            out.append({k: np.asarray(v, np.float64) for k, v in s.items()})
-        return out
+        check_names(sets, getattr(self.fm, "landmarks", {}) or {})
+        return [{k: np.asarray(v, np.float64) for k, v in s.items()} for s in sets]
+
+    def use_landmarks(self, path: str | os.PathLike):
+        """Landmarks from a landmark file (:mod:`cm3dmm.landmarks` format) instead of the template's:
+        reported on every mesh, and their names accepted by :meth:`fit` (the fitter's rigid
+        initialisation uses each one's nearest template vertex). Returns the :class:`LandmarkSet`."""
+        from cm3dmm import landmarks as lmk
+
+        self.landmarks = lmk.read_landmark_file(path, self.template)
+        lmk.use_landmark_file(self.fm, path)
+        return self.landmarks
 
     # -------------------------------------------------------------- export
     def export(self, codes, path_pattern: str | os.PathLike, level: int = 0, grid: int | None = None) -> list[Path]:

@@ -113,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registered", dest="x_registered", action="store_true", default=None,
                    help="the --scan meshes are in template topology (vertex correspondence)")
     p.add_argument("--landmarks", dest="x_landmarks", default=None,
-                   help="JSON file of landmark name -> xyz for each scan (optional)")
+                   help="JSON file of landmark name -> xyz for each scan (optional); names of the template's "
+                   "landmarks (anny / ICT: nose_tip, chin, eye_{inner,outer}_{L,R}, mouth_corner_{L,R})")
+    p.add_argument("--landmark-set", dest="x_landmark_set", default=None,
+                   help="landmark file naming points of the template (cm3dmm.landmarks format) for --landmarks")
     p.add_argument("--units", dest="x_units", default=None, help="units of --scan: mm | cm | m | auto")
     p.add_argument("--out", dest="x_out", default=None, help="output .npz (+ .json, meshes beside)")
     p = add("train-upsampling", "train the continuous model on a fraction of the template's vertices "

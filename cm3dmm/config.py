@@ -277,6 +277,15 @@ _FRACTIONS = {"data.split.test_fraction", "fit.trim", "data.anny.expression_vari
               "data.ict.expression_variation"}
 
 
+#: numeric fields that may be negative (every other number, and every number in a list, must be >= 0:
+#: the config's numbers are counts, sizes, weights, rates, distances and seeds)
+_SIGNED: set[str] = set()
+#: the most upsampling levels: each level has 4 times the points of the one before (level 9 of a
+#: 2,000-vertex face needed 7 GB)
+MAX_TEMPLATE_LEVELS = 6
+MAX_LOG2_TABLE = 24  #: hash tables of 2^24 rows per level are ~1 GB of parameters at 8 levels x 4 features
+
+
 def _check_value(key: str, value: Any) -> None:
     if key in _CHOICES and value not in _CHOICES[key]:
         raise InputError(f"{key}: {value!r} is not one of {list(_CHOICES[key])}")
@@ -288,6 +297,98 @@ def _check_value(key: str, value: Any) -> None:
         raise InputError(f"{key}: must be in [0, 1), got {value!r}")
     if key in _LIST_MIN and any(v < _LIST_MIN[key] for v in value):
         raise InputError(f"{key}: every size must be >= {_LIST_MIN[key]}, got {value!r}")
+    numbers = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else (
+        [v for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if isinstance(value, list) else [])
+    for x in numbers:
+        if isinstance(x, float) and not math.isfinite(x):
+            raise InputError(f"{key}: must be a finite number, got {value!r}")
+        if key not in _SIGNED and x < 0:
+            raise InputError(f"{key}: must be >= 0, got {value!r}")
+
+
+def _fail(key: str, problem: str) -> None:
+    raise InputError(f"{key}: {problem}")
+
+
+def _check_config(cfg: "Config") -> None:
+    """Rules between fields and on list items, checked when the configuration is loaded (before
+    any stage runs): everything a later stage would otherwise fail on after hours of work."""
+    from cm3dmm.registered import NAME_RULE, name_problem
+
+    if name_problem("run", cfg.run):
+        _fail("run", f"{cfg.run!r} is not a valid run name: use {NAME_RULE}")
+    if not cfg.results.strip():
+        _fail("results", "must name a folder")
+    d = cfg.data
+    for k, s in enumerate(d.split.test_subjects):
+        if name_problem("subject", s):
+            _fail(f"data.split.test_subjects[{k}]", f"{s!r} is not a valid subject id: use {NAME_RULE}")
+    for sec in ("anny", "ict"):
+        lo_hi = getattr(d, sec).intensity_range
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+            _fail(f"data.{sec}.intensity_range", f"expected [low, high] with 0 < low <= high, got {lo_hi!r}")
+    if d.ict.n_components > 100:
+        _fail("data.ict.n_components", f"ICT-FaceKit has 100 identity components, got {d.ict.n_components}")
+    fs = d.facescape
+    if any(i < 1 for i in fs.identities) or len(set(fs.identities)) != len(fs.identities):
+        _fail("data.facescape.identities", "expected distinct identity numbers >= 1")
+    bad = [e for e in fs.expressions if e not in FACESCAPE_EXPRESSIONS]
+    if bad or not fs.expressions or len(set(fs.expressions)) != len(fs.expressions):
+        _fail("data.facescape.expressions", f"expected distinct names of {list(FACESCAPE_EXPRESSIONS)}"
+              + (f"; unknown: {bad}" if bad else ""))
+    t = cfg.template
+    if t.levels > MAX_TEMPLATE_LEVELS:
+        _fail("template.levels", f"{t.levels} is more than {MAX_TEMPLATE_LEVELS} (each level has 4 times the "
+              f"points of the one before: level {t.levels} has {4 ** t.levels} times the template's)")
+    if any(g < 2 for g in t.uv_grids):
+        _fail("template.uv_grids", f"every grid density must be >= 2, got {t.uv_grids!r}")
+    if cfg.fit.level > t.levels:
+        _fail("fit.level", f"{cfg.fit.level} is above template.levels ({t.levels}): the template has levels "
+              f"0..{t.levels}")
+    bad = [lv for lv in cfg.evaluate.levels if lv > t.levels]
+    if bad:
+        _fail("evaluate.levels", f"{bad} above template.levels ({t.levels}): the template has levels 0..{t.levels}")
+    if len(set(cfg.evaluate.levels)) != len(cfg.evaluate.levels):
+        _fail("evaluate.levels", f"levels listed twice: {cfg.evaluate.levels!r}")
+    e = cfg.model.encoder
+    if e.base_resolution > e.finest_resolution:
+        _fail("model.encoder.base_resolution", f"{e.base_resolution} is above model.encoder.finest_resolution "
+              f"({e.finest_resolution})")
+    if e.log2_table_size > MAX_LOG2_TABLE:
+        _fail("model.encoder.log2_table_size", f"{e.log2_table_size} is above {MAX_LOG2_TABLE}")
+    w = cfg.model.decoder.widths
+    if not w or any(x < 1 for x in w):
+        _fail("model.decoder.widths", f"needs at least one hidden layer, each of width >= 1, got {w!r}")
+    for name in ("activation_scale", "output_scale"):
+        if not getattr(cfg.model.decoder, name) > 0:
+            _fail(f"model.decoder.{name}", f"must be > 0, got {getattr(cfg.model.decoder, name)!r}")
+    tr = cfg.train
+    ms = tr.lr_milestones
+    if any(not 0 < m < 1 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:])):
+        _fail("train.lr_milestones", f"expected increasing fractions of train.steps in (0, 1), got {ms!r}")
+    if not tr.lr_gamma > 0:
+        _fail("train.lr_gamma", f"must be > 0, got {tr.lr_gamma!r}")
+    fr = cfg.evaluate.upsampling_fractions
+    if any(not 0 < f <= 1 for f in fr) or len(set(fr)) != len(fr):
+        _fail("evaluate.upsampling_fractions", f"expected distinct fractions of the vertices in (0, 1], got {fr!r}")
+    if not cfg.evaluate.fscore_threshold > 0:
+        _fail("evaluate.fscore_threshold", f"must be > 0, got {cfg.evaluate.fscore_threshold!r}")
+    bad = [m for m in cfg.baselines.methods if m not in ("pca", "bilinear")]
+    if bad or len(set(cfg.baselines.methods)) != len(cfg.baselines.methods):
+        _fail("baselines.methods", f"expected distinct names of ['pca', 'bilinear'], got {cfg.baselines.methods!r}")
+    sf = getattr(cfg, "scan_fits", None)
+    if sf is None:
+        return
+    known = ("full", "normals", "frontal", "side", "mouth-hole")
+    bad = [v for v in sf.variants if v not in known]
+    if bad:
+        _fail("scan_fits.variants", f"{bad} not among {list(known)}")
+    bad = [m for m in sf.methods if m not in ("cm3dmm", "pca", "bilinear")]
+    if bad:
+        _fail("scan_fits.methods", f"{bad} not among ['cm3dmm', 'pca', 'bilinear']")
+    if sf.rot_min > sf.rot_max:
+        _fail("scan_fits.rot_min", f"{sf.rot_min} is above scan_fits.rot_max ({sf.rot_max})")
 
 
 def _convert(key: str, tp: Any, value: Any) -> Any:
@@ -380,7 +481,9 @@ def apply_preset(values: dict) -> dict:
 def config_from_dict(values: dict, origin: str | os.PathLike | None = None) -> Config:
     """Build a :class:`Config` from a plain mapping; errors name ``origin`` and the key."""
     try:
-        return _build(Config, apply_preset(dict(values or {})))
+        cfg = _build(Config, apply_preset(dict(values or {})))
+        _check_config(cfg)
+        return cfg
     except InputError as exc:
         if origin is not None and exc.path is None:
             raise InputError(exc.problem, origin) from None
@@ -394,21 +497,71 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     path = Path(path)
     if not path.exists():
         raise InputError("config file not found", path)
+    if path.is_dir():
+        raise InputError("is a folder, not a config file", path)
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise InputError("not a text file (not UTF-8)", path) from None
-    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
-        raise InputError(f"holds a value that cannot be read ({str(exc)[:80]})", path) from None
     except OSError as exc:
         raise InputError(f"cannot read the config ({exc.strerror or exc})", path) from None
+    try:
+        values = yaml.load(text, Loader=_unique_key_loader())
+    except yaml.YAMLError as exc:
+        raise InputError(f"not valid YAML ({_yaml_problem(exc, text)})", path) from None
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        raise InputError(f"holds a value that cannot be read ({str(exc)[:80]})", path) from None
+    except RecursionError:
+        raise InputError("not valid YAML (nested too deeply)", path) from None
+    if values is None:
+        raise InputError("the config file is empty (no settings)", path)
     if not isinstance(values, dict):
         raise InputError("the config must be a mapping of sections", path)
     for item in overrides or []:
         values = _deep_merge(values, parse_override(item))
     return config_from_dict(values, path)
+
+
+def _yaml_problem(exc, text: str) -> str:
+    """``line L, column C: problem`` of a YAML error, naming a tab where one is the cause."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return str(problem)
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    if "\t" in line[: mark.column + 1] or "'\\t'" in str(problem):
+        problem = "a tab character: YAML indents with spaces only"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+_LOADER: list = []
+
+
+def _unique_key_loader():
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    if _LOADER:
+        return _LOADER[0]
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _value in node.value:
+                try:
+                    key = self.construct_object(key_node, deep=True)
+                    hash(key)
+                except (TypeError, yaml.YAMLError):
+                    continue  # the base class reports unhashable keys
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (first on line {seen[key] + 1})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
+    _LOADER.append(UniqueKeyLoader)
+    return UniqueKeyLoader
 
 
 def parse_override(item: str) -> dict:
@@ -429,6 +582,112 @@ def parse_override(item: str) -> dict:
     for p in parts[:-1]:
         cur = cur.setdefault(p, {})
     cur[parts[-1]] = value
+    return out
+
+
+def coerce_text_values(values: dict, cls: type = None, prefix: str = "") -> dict:
+    """``values`` with text where the config expects a number, a bool or a list read as YAML.
+
+    Snakemake's ``--config fit='{max_iter: 31}'`` hands nested values over as strings (``'31'``);
+    this gives them the type of their :class:`Config` field (``31``), so the command line works
+    as a config file does. Text for text fields, unknown keys and unreadable text stay as they
+    are (validation then names them).
+    """
+    import yaml
+
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        tp = hints.get(key) if isinstance(key, str) else None
+        if tp is None:
+            continue
+        out[key] = _coerce_text(tp, value, yaml)
+    return out
+
+
+def _coerce_text(tp: Any, value: Any, yaml) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return coerce_text_values(value, tp) if isinstance(value, dict) else value
+    if tp is str:
+        return value
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except (yaml.YAMLError, ValueError):
+            return value
+    if typing.get_origin(tp) is list and isinstance(value, list):
+        (item,) = typing.get_args(tp)
+        return [_coerce_text(item, v, yaml) for v in value]
+    return value
+
+
+def config_subset(values: dict, keys) -> dict:
+    """The part of a plain config dict named by ``keys``: sections (``"fit"``) or single keys
+    (``"cache.seed"``), nested as in the config. The workflow hands each rule the part it reads."""
+    out: dict = {}
+    for key in keys:
+        parts = key.split(".")
+        src, dst = values, out
+        for p in parts[:-1]:
+            src = src[p]
+            dst = dst.setdefault(p, {})
+        dst[parts[-1]] = src[parts[-1]]
+    return out
+
+
+def coerce_text_values(values: dict, cls: type = None, prefix: str = "") -> dict:
+    """``values`` with text where the config expects a number, a bool or a list read as YAML.
+
+    Snakemake's ``--config fit='{max_iter: 31}'`` hands nested values over as strings (``'31'``);
+    this gives them the type of their :class:`Config` field (``31``), so the command line works
+    as a config file does. Text for text fields, unknown keys and unreadable text stay as they
+    are (validation then names them).
+    """
+    import yaml
+
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        tp = hints.get(key) if isinstance(key, str) else None
+        if tp is None:
+            continue
+        out[key] = _coerce_text(tp, value, yaml)
+    return out
+
+
+def _coerce_text(tp: Any, value: Any, yaml) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return coerce_text_values(value, tp) if isinstance(value, dict) else value
+    if tp is str:
+        return value
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except (yaml.YAMLError, ValueError):
+            return value
+    if typing.get_origin(tp) is list and isinstance(value, list):
+        (item,) = typing.get_args(tp)
+        return [_coerce_text(item, v, yaml) for v in value]
+    return value
+
+
+def config_subset(values: dict, keys) -> dict:
+    """The part of a plain config dict named by ``keys``: sections (``"fit"``) or single keys
+    (``"cache.seed"``), nested as in the config. The workflow hands each rule the part it reads."""
+    out: dict = {}
+    for key in keys:
+        parts = key.split(".")
+        src, dst = values, out
+        for p in parts[:-1]:
+            src = src[p]
+            dst = dst.setdefault(p, {})
+        dst[parts[-1]] = src[parts[-1]]
     return out
 
 

@@ -363,6 +363,13 @@ class _Problem:
                     outs.append(((jt @ jw).to(torch.float64),
                                  (jt.to(torch.float64) @ rw[..., None])[..., 0], (rw * rw).sum(1)))
                 continue
+            if not self.ident:
+                # scan-type targets (points on triangles, normals, a pose): rows of the Jacobian by
+                # one sparse product per face instead of gathering (K, 3, 3, D) corner Jacobians
+                fids = torch.arange(n_b)[sl] if isinstance(sl, slice) else sl
+                for i, f in enumerate(fids.tolist()):
+                    outs.append(self._sparse_rows(x[i], jx[i], f, tg, codes.rot is not None))
+                continue
             if self.ident:
                 pred, jp = x, jx.to(torch.float64)
             elif self.single:  # each point is one vertex
@@ -392,6 +399,52 @@ class _Problem:
             rw = (r * sw[..., None]).flatten(1, 2)  # (b, K*c)
             outs.append((jw.transpose(1, 2) @ jw, (jw.transpose(1, 2) @ rw[..., None])[..., 0], (rw * rw).sum(1)))
         return tuple(torch.cat([o[i] for o in outs]) for i in range(3))
+
+    def _sparse_rows(self, x: torch.Tensor, jx: torch.Tensor, f: int, tg: Targets, pose: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normal equations of face ``f`` for barycentric targets: x (U, 3), jx (U, 3, D) at the
+        context vertices. Each residual row is a sparse combination of vertex coordinates (at most
+        three corners x three coordinates), so its code Jacobian is one sparse-dense product
+        S (R, 3U) @ J (3U, D); the pose columns (``pose``) are appended densely. Returns A (1, D', D'),
+        g (1, D'), data energy (1,)."""
+        f64 = torch.float64
+        loc, bary, pts = self.local[f], tg.bary[f].to(f64), tg.points[f]
+        k = loc.shape[0]
+        u = x.shape[0]
+        pred = (x.to(f64)[loc] * bary[..., None]).sum(1)  # (K, 3)
+        d = pred - pts
+        nrm = None if tg.normals is None else tg.normals[f].to(f64)
+        r = d if nrm is None else torch.cat([(d * nrm).sum(-1, keepdim=True), tg.p2p * d], -1)  # (K, c)
+        c = r.shape[1]
+        w = tg.weights[f] / self.wsum[f]
+        if self.delta is not None:
+            w = w / (2 * ((r * r).sum(-1) + self.delta ** 2).sqrt())
+        sw = w.sqrt()
+        dims = torch.arange(3)
+        cols = (3 * loc[:, :, None] + dims).expand(k, 3, 3)  # (K, corner, coordinate)
+        base = torch.arange(k)[:, None, None] * c
+        if nrm is None:
+            rows = (base + dims).expand(k, 3, 3)
+            vals = (sw[:, None, None] * bary[:, :, None]).expand(k, 3, 3)
+        else:
+            rows = torch.cat([base.expand(k, 3, 3), (base + 1 + dims).expand(k, 3, 3)], 1)
+            vals = torch.cat([sw[:, None, None] * bary[:, :, None] * nrm[:, None, :],
+                              (tg.p2p * sw[:, None, None] * bary[:, :, None]).expand(k, 3, 3)], 1)
+            cols = torch.cat([cols, cols], 1)
+        nz = vals != 0
+        s = torch.sparse_coo_tensor(torch.stack([rows[nz], cols[nz]]), vals[nz], (k * c, 3 * u),
+                                    check_invariants=False).coalesce()
+        jr = torch.sparse.mm(s, jx.reshape(3 * u, -1).to(f64))  # (K c, D)
+        if pose:
+            a = pts - self.center[f]
+            eye = torch.eye(3, dtype=f64).expand(k, 3, 3)
+            jp = torch.cat([_skew(a), -eye], -1)  # (K, 3, 6): d (point residual) / d (w, t)
+            if nrm is not None:
+                jp = torch.cat([(jp * nrm[..., None]).sum(1, keepdim=True), tg.p2p * jp], 1)
+            jr = torch.cat([jr, (jp * sw[:, None, None]).reshape(k * c, 6)], 1)
+        rw = (r * sw[:, None]).reshape(-1)
+        jt = jr.T
+        return (jt @ jr)[None], (jt @ rw)[None], (rw * rw).sum().reshape(1)
 
 
 def _groups(codes: Codes) -> list[list[int]]:
@@ -1314,7 +1367,7 @@ def _load_registered_scans(paths: list[str], model: FaceModel, units: str) -> np
 
 def run_fit(cfg, method: str | None = None, subject: str | None = None, model: str | None = None,
             scan: list[str] | None = None, registered: bool | None = None, landmarks: str | None = None,
-            units: str | None = None, out: str | None = None) -> dict:
+            units: str | None = None, out: str | None = None, landmark_set: str | None = None) -> dict:
     """The ``fit`` stage: fit one subject of the run's test split, or the user's own meshes.
 
     Writes ``out`` (default ``fits/{method}/{subject}.npz``) with ``.json`` and ``.png`` beside it,
@@ -1341,6 +1394,10 @@ def run_fit(cfg, method: str | None = None, subject: str | None = None, model: s
     fm = load_method(model_path, template=template, expect=expect)
     if template is not None:  # the baselines' UVs for the written meshes (cm3dmm.export.template_of)
         fm.template = template
+    if landmark_set:  # landmark names on any template (cm3dmm.landmarks file format)
+        from cm3dmm.landmarks import use_landmark_file
+
+        use_landmark_file(fm, landmark_set)
     units = units or getattr(fc, "units", "auto")
     scan_list = list(scan or [])
     if scan_list:
@@ -1352,6 +1409,9 @@ def run_fit(cfg, method: str | None = None, subject: str | None = None, model: s
             kind = "registered"
         else:
             lms = _read_landmarks(landmarks, len(scan_list), scan_list)
+            from cm3dmm.landmarks import check_names
+
+            check_names(lms, fm.landmarks, landmarks)
             scans = [read_scan(p, units, lm) for p, lm in zip(scan_list, lms)]
             result = fit_scans(fm, scans, fc)
             kind = "scan"

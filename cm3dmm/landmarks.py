@@ -168,3 +168,35 @@ def positions_on(landmarks: LandmarkSet, vertices: np.ndarray, faces: np.ndarray
     v = np.asarray(vertices, np.float64)
     corners = v[..., np.asarray(faces)[tri], :]
     return np.einsum("...lkc,lk->...lc", corners, bary)
+
+
+def nearest_vertices(landmarks: LandmarkSet, faces: np.ndarray) -> dict[str, int]:
+    """Name -> the template vertex nearest each landmark in barycentric terms (its triangle's
+    corner of largest weight): exact for landmarks given by vertex, as the fitter's rigid
+    initialisation uses them (``FaceModel.landmarks``)."""
+    f = np.asarray(faces, np.int64)
+    corner = np.argmax(landmarks.bary, axis=1)
+    return {n: int(f[t, c]) for n, t, c in zip(landmarks.names, landmarks.tri, corner)}
+
+
+def use_landmark_file(fm, path: str | os.PathLike) -> dict[str, int]:
+    """Give a loaded method (``cm3dmm.methods.FaceModel``) the landmarks of a landmark file, so
+    that ``fit --landmarks`` accepts its names on any template; returns name -> vertex."""
+    from cm3dmm.export import template_of
+
+    tpl = template_of(fm)
+    if tpl is None:
+        raise InputError("a landmark file needs the model's template (run folder with template/template.npz)", path)
+    lset = read_landmark_file(path, tpl)
+    fm.landmarks = {**dict(getattr(fm, "landmarks", None) or {}), **nearest_vertices(lset, tpl.faces)}
+    return fm.landmarks
+
+
+def check_names(scan_landmarks: list[dict], known, path=None) -> None:
+    """InputError when a scan's landmark names are not landmarks of the template."""
+    known = sorted(known)
+    for lm in scan_landmarks:
+        unknown = sorted(set(lm) - set(known))
+        if unknown:
+            raise InputError(f"unknown landmark names {unknown}; the template's landmarks are {known} "
+                             "(add others with a landmark file: --landmark-set)", path)

@@ -361,9 +361,13 @@ def read_method_name(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.exists():
         raise InputError("model file not found", path)
+    if path.is_dir():
+        raise InputError("is a folder, not a model file (give the model.pt inside it)", path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
+        if isinstance(exc, OSError) and exc.errno:  # unreadable (permissions, I/O error), not corrupt
+            raise InputError(f"cannot read the model file ({exc.strerror})", path) from None
         raise InputError(f"model file is corrupt or not a cm3dmm model ({type(exc).__name__})", path) from None
     method = payload.get("method") if isinstance(payload, dict) else None
     if method not in METHODS:

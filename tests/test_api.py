@@ -270,6 +270,29 @@ def test_fit_rejects_unknown_landmark_names(models, tmp_path):
         models["pca"]._scan_landmarks([{"nose": [0, 0, 0]}], ["a.ply"])
 
 
+def test_landmark_file_names_reach_meshes_and_the_fitter(run, tmp_path):
+    import cm3dmm
+    from cm3dmm.errors import InputError
+
+    m = cm3dmm.load(_model_path(run, "pca"))
+    tpl = m.template
+    uv = 0.75 * tpl.uv[tpl.faces[3][0]] + 0.25 * tpl.uv[tpl.faces[3][1]]
+    (tmp_path / "lm.json").write_text(json.dumps({"format": "cm3dmm-landmarks", "version": 1, "landmarks": {
+        "pin": {"vertex": 5}, "between": {"uv": [float(x) for x in uv]}}}))
+    m.use_landmarks(tmp_path / "lm.json")
+    codes = m.sample(1, seed=0)
+    verts = m.vertices(codes)[0]
+    for level in (0, 2):
+        lm = m.mesh(codes, level=level)[0].metadata["landmarks"]
+        np.testing.assert_allclose(lm["pin"], verts[5], atol=1e-4)
+        want = 0.75 * verts[tpl.faces[3][0]] + 0.25 * verts[tpl.faces[3][1]]
+        np.testing.assert_allclose(lm["between"], want, atol=1e-3)
+    assert m.fm.landmarks["pin"] == 5 and m.fm.landmarks["between"] == int(tpl.faces[3][0])
+    m._scan_landmarks([{"pin": [0, 0, 0], "between": [1, 0, 0]}], ["a.ply"])  # accepted
+    with pytest.raises(InputError, match=r"unknown landmark names \['nose'\]"):
+        m._scan_landmarks([{"nose": [0, 0, 0]}], ["a.ply"])
+
+
 def test_fit_stage_writes_meshes_with_uvs_and_landmarks(run, models, tmp_path):
     from cm3dmm.config import config_from_dict, config_to_dict
     from cm3dmm.export import write_mesh
@@ -288,6 +311,25 @@ def test_fit_stage_writes_meshes_with_uvs_and_landmarks(run, models, tmp_path):
     assert "/" in obj.splitlines()[-1]
     lm = json.loads((tmp_path / "fit" / "me.me.landmarks.json").read_text())
     assert set(lm["landmarks"]) == set(m.template.landmarks)
+
+
+def test_fit_stage_checks_landmark_names(run, models, tmp_path):
+    from cm3dmm.errors import InputError
+    from cm3dmm.export import write_mesh
+    from cm3dmm.fit import run_fit
+
+    m = models["pca"]
+    write_mesh(tmp_path / "scan.obj", m.mesh(m.sample(1, seed=2), level=1)[0])
+    (tmp_path / "lm.json").write_text(json.dumps({"nose": [0, 0, 0], "chin": [0, -50, 0], "pin": [1, 1, 1]}))
+    with pytest.raises(InputError, match=r"unknown landmark names \['nose', 'pin'\]"):
+        run_fit(run, method="pca", scan=[str(tmp_path / "scan.obj")], landmarks=str(tmp_path / "lm.json"),
+                out=str(tmp_path / "f.npz"))
+    (tmp_path / "set.json").write_text(json.dumps({"format": "cm3dmm-landmarks", "version": 1, "landmarks": {
+        "nose": {"vertex": 24}, "pin": {"vertex": 3}}}))
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "cm3dmm-landmarks", "version": 2, "landmarks": {}}))
+    with pytest.raises(InputError, match="landmark file version 2 is not 1"):
+        run_fit(run, method="pca", scan=[str(tmp_path / "scan.obj")], landmarks=str(tmp_path / "lm.json"),
+                landmark_set=str(tmp_path / "bad.json"), out=str(tmp_path / "f.npz"))
 
 
 # ------------------------------------------------------------------------------- bad input

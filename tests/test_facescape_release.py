@@ -143,3 +143,19 @@ def test_detail_scans_become_the_continuous_samples(tmp_path):
         data.continuous = "surface"
         surf = data.read(np.arange(data.n), np.zeros(data.n, np.int64), 5, 40, torch.device("cpu"))
         assert not np.allclose(surf["target"][:, 5:].numpy(), batch["target"][:, 5:].numpy())
+
+
+def test_manifest_scan_column(tmp_path):
+    from cm3dmm.config import ManifestSourceConfig
+    from cm3dmm.sources import manifest
+
+    m = grid_mesh(6)
+    for name in ("a", "b"):
+        write_mesh(tmp_path / f"{name}.obj", m)
+    pts = np.asarray(m.vertices)[:10] + 0.05
+    write_mesh(tmp_path / "a_scan.ply", Mesh(vertices=pts, faces=np.zeros((0, 3), np.int64)))
+    (tmp_path / "m.csv").write_text("subject,expression,path,scan\ns1,neutral,a.obj,a_scan.ply\n"
+                                    "s2,neutral,b.obj,\n")
+    data = manifest.load(ManifestSourceConfig(path=str(tmp_path / "m.csv"), units="cm"))
+    assert list(data.scans) == [0] and data.scans[0][1] is None
+    np.testing.assert_allclose(data.scans[0][0], pts * 10, rtol=1e-6)  # cm -> mm like the meshes

@@ -4,7 +4,10 @@ Columns ``subject, expression, path`` and optionally ``split`` (train | test; wh
 for every row it is kept and wins over ``data.split``). Relative paths are resolved against
 the CSV's folder. Meshes are any :func:`cm3dmm.io.read_mesh` format; all must share the first
 mesh's vertex count and triangles. ``units`` converts to mm; ``crop`` is an optional
-vertex-index file (.txt / .npy) or UV mask image applied to every mesh.
+vertex-index file (.txt / .npy) or UV mask image applied to every mesh. An optional ``scan``
+column names a high-detail scan (mesh or point cloud, same frame and units) of the row's face:
+the cache keeps its points near the registered surface as continuous samples
+(``cache.scan_distance``, ``train.continuous: scan``); empty cells mean no scan.
 """
 
 from __future__ import annotations
@@ -89,6 +92,13 @@ def load_with_files(cfg) -> tuple[RegisteredData, list[str]]:
         raise InputError("the split column is filled for some rows only: fill it for every row "
                          "or leave it empty", csv_path)
     attrs = {"source_path": str(csv_path.resolve()), "units_in": cfg.units, "crop": cfg.crop}
+    scans = {}
+    for k, r in enumerate(rows):  # the optional scan column: high-detail surfaces of the faces
+        if r.get("scan"):
+            f = Path(r["scan"]) if Path(r["scan"]).is_absolute() else csv_path.parent / r["scan"]
+            scan = read_mesh(f)
+            scans[k] = ((scan.vertices * scale).astype(np.float32),
+                        None if scan.is_point_cloud else scan.faces.astype(np.int32))
     if has_split:
         attrs["split_source"] = "manifest"
     data = RegisteredData(
@@ -100,5 +110,6 @@ def load_with_files(cfg) -> tuple[RegisteredData, list[str]]:
         source="manifest",
         uv=uv,
         attrs=attrs,
+        scans=scans,
     )
     return data, [str(p) for p in mesh_paths]
