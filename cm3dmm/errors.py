@@ -8,6 +8,7 @@ single line on stderr and a non-zero exit, without a traceback.
 from __future__ import annotations
 
 import os
+import re
 
 
 class InputError(Exception):
@@ -22,3 +23,31 @@ class InputError(Exception):
 class StageError(Exception):
     """A stage could not complete for a reason that is not the input's fault
     (e.g. training diverged to NaN). Reported like :class:`InputError`."""
+
+
+class WriteError(StageError):
+    """An output could not be written or its folder created (no space left, permission denied, a
+    read-only file system, a path through a file): names the path and the operating system's cause."""
+
+    def __init__(self, path: str | os.PathLike, cause: str):
+        self.path = os.fspath(path)
+        self.cause = cause
+        super().__init__(f"{self.path}: cannot write ({cause})")
+
+
+_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def os_error_cause(exc: BaseException) -> str | None:
+    """The operating system's reason behind ``exc`` ("No space left on device", ...), or None when
+    ``exc`` is not an operating-system error. Understands OSError and the RuntimeError / OSError
+    texts of HDF5 ("... errno = 28, error message = ...") and torch ("file write failed")."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.strerror or os.strerror(exc.errno)
+    text = str(exc)
+    m = _ERRNO.search(text)
+    if m and int(m.group(1)):
+        return os.strerror(int(m.group(1)))
+    if isinstance(exc, (OSError, RuntimeError)) and ("write failed" in text or "unexpected pos" in text):
+        return "the write failed"
+    return None

@@ -50,6 +50,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from cm3dmm import scancheck
 from cm3dmm.errors import InputError, StageError
 from cm3dmm.geometry import vertex_normals
 from cm3dmm.methods import FaceModel
@@ -1193,6 +1194,7 @@ def fit_scans(model: FaceModel, scans: Sequence[Scan], cfg, seed: int = 0) -> Fi
         res = align_to_reference(pts, model.mean, faces, trim=max(cfg.trim, 0.1), with_scale=with_scale, init=init,
                                  seed=seed)
         log.info("%s: initial pose, trimmed RMS %.2f mm", scan.name, res.rmse)
+        scancheck.check_scan(scan, res.transform.apply(pts), model.mean, seed=seed)  # a face? (issue 13)
         poses.append(res.transform)
     t_rigid = time.perf_counter() - t_start
     b = len(scans)

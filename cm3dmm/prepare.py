@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from cm3dmm.errors import InputError
-from cm3dmm.io.atomic import atomic_write_json
+from cm3dmm.framecheck import check_frames
+from cm3dmm.io.atomic import atomic_write_json, check_writable
 from cm3dmm.paths import RunPaths
 from cm3dmm.registered import (FACESCAPE_EXPRESSIONS, PLAUSIBLE_EXTENT_MM, RegisteredData, validate,
                                write_registered)
@@ -95,6 +96,9 @@ def _load_checked(cfg) -> tuple[RegisteredData, dict]:
         raise
     summary = validate(data, origin)
     times["validate_s"] = time.perf_counter() - t
+    t = time.perf_counter()  # every mesh in one frame (not shifted, rotated, mirrored, rescaled)
+    frames = check_frames(data.vertices, data.subject, data.expression, files, origin)
+    times["frames_s"] = time.perf_counter() - t
     v = data.vertices
     report = {
         "source": data.source,
@@ -107,6 +111,7 @@ def _load_checked(cfg) -> tuple[RegisteredData, dict]:
         "has_uv": data.uv is not None,
         "landmarks": dict(data.landmarks),
         "missing_pairs": _missing_pairs(data),
+        "frame_check": frames,
         "problems": [],
         "split_rule": str(data.attrs.get("split_rule", "")),
         "timings": times,
@@ -116,6 +121,13 @@ def _load_checked(cfg) -> tuple[RegisteredData, dict]:
         report["missing_pairs"] = [[str(i), e] for i, e in fs_check["missing"]]
         report["problems"] = [f"missing: identity {i} expression {e}" for i, e in fs_check["missing"]]
     return data, report
+
+
+def _bytes_needed(data: RegisteredData) -> int:
+    """About what registered.h5 (+ check.json, preview.png) will take on disk, with a margin."""
+    n = np.asarray(data.vertices).nbytes + np.asarray(data.faces).nbytes + (0 if data.uv is None else data.uv.nbytes)
+    n += sum(np.asarray(p).nbytes + (0 if f is None else np.asarray(f).nbytes) for p, f in data.scans.values())
+    return int(n * 1.1) + (4 << 20)
 
 
 def _missing_pairs(data: RegisteredData) -> list[list[str]]:
@@ -150,6 +162,7 @@ def run_prepare(cfg) -> dict:
     t0 = time.perf_counter()
     try:
         data, report = _load_checked(cfg)
+        check_writable(paths.registered.parent, _bytes_needed(data))  # before writing anything
         t = time.perf_counter()
         report["content_hash"] = write_registered(paths.registered, data)
         report["timings"]["write_s"] = time.perf_counter() - t

@@ -16,7 +16,9 @@ Layout (ARCHITECTURE.md):
 
 from __future__ import annotations
 
+import io
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,20 @@ FACESCAPE_EXPRESSIONS = (
     "mouth_left", "mouth_right", "dimpler", "chin_raiser", "lip_puckerer", "lip_funneler",
     "sadness", "lip_roll", "grin", "cheek_blowing", "eye_closed", "brow_raiser", "brow_lower",
 )
+
+#: Subject ids and expression names become file names (``fits/{method}/{subject}.npz``) and
+#: command-line arguments of the workflow's rules: a letter or digit, then letters, digits, ``.``,
+#: ``_`` or ``-``; at most 100 characters (no spaces, no path separators, no ``..`` at the start).
+NAME_RULE = "a letter or digit followed by letters, digits, '.', '_' or '-' (at most 100 characters)"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def name_problem(kind: str, value) -> str | None:
+    """Why ``value`` is not a valid subject id / expression name (``kind``), or None if it is."""
+    if isinstance(value, str) and _NAME_RE.fullmatch(value):
+        return None
+    return f"{kind} {value!r} is not a valid name: use {NAME_RULE}"
+
 
 #: A plausible human face region spans roughly 60-400 mm along its largest axis.
 PLAUSIBLE_EXTENT_MM = (60.0, 400.0)
@@ -96,6 +112,11 @@ def validate(data: RegisteredData, origin: str | os.PathLike | None = None) -> d
     for name, arr in (("subject", data.subject), ("expression", data.expression), ("split", data.split)):
         if len(arr) != S:
             raise InputError(f"{name} has {len(arr)} entries for {S} meshes", where)
+    for kind, names in (("subject", data.subject), ("expression", data.expression)):
+        for name in dict.fromkeys(names):
+            problem = name_problem(kind, name)
+            if problem:
+                raise InputError(problem, where)
     f = np.asarray(data.faces)
     if f.ndim != 2 or f.shape[1] != 3 or len(f) == 0:
         raise InputError(f"faces must have shape (F, 3) with F > 0, got {f.shape}", where)
@@ -165,8 +186,12 @@ def write_registered(path: str | os.PathLike, data: RegisteredData) -> str:
     validate(data)
     content = data.content_hash()
     str_dt = h5py.string_dtype("utf-8")
+    # Built in memory and written with one plain write: a full disk or a read-only folder is then an
+    # ordinary OSError (one line, via atomic_path), never HDF5's failed flush (a wall of errors and,
+    # at times, a segfault when the library closes a file it could not write).
+    buf = io.BytesIO()
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h:
+        with h5py.File(buf, "w") as h:
             # Uncompressed: float noise hardly compresses (gzip saved 8% at several times the write
             # time on ICT's 6000 x 9409 vertices); one chunk per mesh keeps single-mesh reads cheap.
             h.create_dataset("vertices", data=np.asarray(data.vertices, np.float32),
@@ -192,6 +217,8 @@ def write_registered(path: str | os.PathLike, data: RegisteredData) -> str:
             h.attrs["content_hash"] = content
             for key, val in data.attrs.items():
                 h.attrs[f"meta_{key}"] = val if not isinstance(val, (dict, list)) else repr(val)
+        with open(tmp, "wb") as fh:
+            fh.write(buf.getbuffer())
     return content
 
 

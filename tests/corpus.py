@@ -199,6 +199,7 @@ class Outcome:
     names: Path | str  #: the file the message must name
     outputs: list[Path]  #: final outputs that must not exist after the failure
     run_dir: Path  #: searched for stray ``.tmp-*`` files
+    fsize_limit: int | None = None  #: RLIMIT_FSIZE of the CLI process (simulates a full disk)
 
 
 @dataclass
@@ -379,6 +380,20 @@ def _ply_binary_truncated(p: Path, c) -> Path:
     return ply
 
 
+def _ply_wrong_endian(p: Path, c) -> Path:
+    d = face_data()
+    head = ("ply\nformat binary_big_endian 1.0\n"
+            f"element vertex {len(d.vertices[4])}\nproperty float x\nproperty float y\nproperty float z\n"
+            f"element face {len(d.faces)}\nproperty list uchar int vertex_indices\nend_header\n").encode()
+    body = np.asarray(d.vertices[4], "<f4").tobytes()
+    faces = b"".join(struct.pack("<Biii", 3, *map(int, f)) for f in d.faces)
+    ply = p.with_suffix(".ply")
+    ply.write_bytes(head + body + faces)
+    p.unlink()
+    _replace_in_manifest(c, p.name, ply.name)
+    return ply
+
+
 def _replace_with(suffix: str, content: bytes | str):
     """The mesh file replaced by another file (e.g. a .ply) with ``content``."""
     def mutate(p: Path, c) -> Path:
@@ -465,6 +480,10 @@ def _facescape_case(kind: str):
             f = root / str(ident) / "models_reg" / f"{FACESCAPE_EXPRESSIONS.index(e) + 1}_{e}.obj"
             f.parent.mkdir(parents=True, exist_ok=True)
             if kind == "missing" and (ident, e) == (2, "smile"):
+                broken = f
+                continue
+            if kind == "shifted" and (ident, e) == (2, "smile"):
+                f.write_text(obj_text(d.vertices[k] + np.array([0.0, 0.0, 1e6]), d.faces))
                 broken = f
                 continue
             if kind == "mismatch" and (ident, e) == (2, "smile"):
@@ -566,6 +585,10 @@ def _fit_case(kind: str):
             import torch
 
             torch.save({"weights": torch.zeros(3)}, model)
+        elif kind == "folder":
+            folder = c.run / "models" / "cm3dmm"
+            return c.stage(["fit", "--method", method, "--subject", subject, "--model", str(folder)], folder,
+                           _fit_out(method))
         elif kind == "unknown_subject":
             subject = "nobody"
             return c.stage(["fit", "--method", method, "--subject", subject], c.run / "data" / "registered.h5",
@@ -656,6 +679,93 @@ def _config_folder(c: CaseDir) -> Outcome:
     return out
 
 
+# --- issue 13: meshes in another frame, names that reach paths, OS errors, late config, degenerate scans
+def _move_mesh(transform: Callable[[np.ndarray], np.ndarray]):
+    """One mesh (s001/smile) rewritten with its vertices transformed (same triangles)."""
+    def mutate(p: Path, c) -> None:
+        lines, verts, idx = p.read_text().splitlines(), [], []
+        for k, line in enumerate(lines):
+            if line.startswith("v "):
+                verts.append([float(t) for t in line.split()[1:4]])
+                idx.append(k)
+        moved = transform(np.asarray(verts))
+        for k, (x, y, z) in zip(idx, moved):
+            lines[k] = f"v {x:.9g} {y:.9g} {z:.9g}"
+        p.write_text("\n".join(lines) + "\n")
+    return mutate
+
+
+def _rot_y(degrees: float, about_centroid: bool = True):
+    a = np.radians(degrees)
+    r = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+
+    def f(v: np.ndarray) -> np.ndarray:
+        c = v.mean(axis=0) if about_centroid else 0.0
+        return (v - c) @ r.T + c
+    return f
+
+
+def _scramble(v: np.ndarray) -> np.ndarray:
+    return v[np.random.default_rng(5).permutation(len(v))]
+
+
+def _manifest_name(column: str, bad: str):
+    """One manifest row's subject or expression replaced by ``bad`` (all rows of that subject)."""
+    def edit(csv: Path) -> None:
+        lines = csv.read_text().splitlines()
+        head = lines[0].split(",")
+        col = head.index(column)
+        out = [lines[0]]
+        for ln in lines[1:]:
+            cells = ln.split(",")
+            if cells[0] == "s001" and (column == "subject" or cells[1] == "smile"):
+                cells[col] = bad
+            out.append(",".join(cells))
+        csv.write_text("\n".join(out) + "\n")
+    return edit
+
+
+def _results_through_file(c: CaseDir) -> Outcome:
+    """results: a path under a regular file (the run folder cannot be created)."""
+    c.copy_data()
+    blocker = c.dir / "results-file"
+    blocker.write_text("not a folder\n")
+    c.values["results"] = str(blocker / "results")
+    out = c.prepare(blocker)
+    out.run_dir = c.dir
+    return out
+
+
+def _disk_full(stage: str):
+    """The stage's output writes fail as on a full disk: the CLI runs with a file-size limit
+    (RLIMIT_FSIZE; Python ignores SIGXFSZ, so write() fails with EFBIG like ENOSPC does)."""
+    def setup(c: CaseDir) -> Outcome:
+        if stage == "prepare":
+            c.copy_data()
+            out = c.prepare(c.run / "data" / "registered.h5")
+        else:
+            c.copy_run("data/registered.h5", "template/template.npz", "models")
+            out = c.stage(["fit", "--method", "pca", "--subject", TEST_SUBJECT], c.run / "fits" / "pca",
+                          _fit_out("pca"))
+        out.fsize_limit = 1024 if stage == "prepare" else 100
+        return out
+    return setup
+
+
+def _scan_shape(kind: str, n: int = 2000, seed: int = 4) -> np.ndarray:
+    """Face-sized non-faces: 300 collinear points, a plane, a ball's surface, a box of noise."""
+    rng = np.random.default_rng(seed)
+    if kind == "line":
+        t = np.linspace(0, 180, 300)
+        return np.stack([t, 0.5 * t, np.zeros_like(t)], 1)
+    if kind == "plane":
+        return np.c_[rng.uniform(-75, 75, (n, 2)), rng.normal(0, 0.2, n)]
+    if kind == "sphere":
+        u = rng.normal(size=(n, 3))
+        return 90 * u / np.linalg.norm(u, axis=1, keepdims=True)
+    return rng.uniform(-80, 80, (n, 3))  # noise
+
+
 def _set(path: str, value):
     def edit(v: dict) -> dict:
         cur = v
@@ -683,9 +793,9 @@ CASES: list[Case] = [
          _mesh_case(lambda p, c: p.write_text(p.read_text() + "f 1 2 999\n"))),
     Case("face_index_zero", "prepare", "a face using OBJ index 0", ("index 0",),
          _mesh_case(lambda p, c: p.write_text(p.read_text() + "f 0 1 2\n"))),
-    Case("nan_vertex", "prepare", "a vertex 'v nan 1 2'", ("nan or infinite",),
+    Case("nan_vertex", "prepare", "a vertex 'v nan 1 2' (the 4th)", ("vertex 4", "nan or infinite"),
          _mesh_case(lambda p, c: _edit_vertex(p, "v nan 1 2"))),
-    Case("inf_vertex", "prepare", "a vertex 'v 1 inf 2'", ("nan or infinite",),
+    Case("inf_vertex", "prepare", "a vertex 'v 1 inf 2' (the 4th)", ("vertex 4", "nan or infinite"),
          _mesh_case(lambda p, c: _edit_vertex(p, "v 1 inf 2"))),
     Case("non_numeric_vertex", "prepare", "a vertex 'v 1 two 3'", ("non-numeric",),
          _mesh_case(lambda p, c: _edit_vertex(p, "v 1 two 3"))),
@@ -819,10 +929,90 @@ CASES: list[Case] = [
          ("cannot be read",), _config_case(text="train:\n  steps: " + "9" * 5000 + "\n")),
     Case("config_not_utf8", "prepare", "a config file of Latin-1 bytes", ("utf-8",),
          _config_case(text=b"run: caf\xe9\n")),
-    Case("config_is_folder", "prepare", "--config naming a folder", ("cannot read",), _config_folder),
+    Case("config_is_folder", "prepare", "--config naming a folder", ("is a folder",), _config_folder),
     Case("config_set_bad_yaml", "prepare", "--set train.steps=[1 (not YAML)", ("not valid yaml",),
          _config_case(sets=["train.steps=[1"], names="train.steps=[1")),
+    # --- issue 13: a mesh in another frame (passes every per-mesh check, ruins the model)
+    Case("frame_shifted_1e6", "prepare", "one mesh translated by 1e6 mm", ("s001/smile", "mm from the other"),
+         _mesh_case(_move_mesh(lambda v: v + 1e6))),
+    Case("frame_shifted_300", "prepare", "one mesh shifted by 300 mm along x", ("s001/smile", "300"),
+         _mesh_case(_move_mesh(lambda v: v + np.array([300.0, 0, 0])))),
+    Case("frame_rotated_90", "prepare", "one mesh rotated by 90 degrees about its centroid",
+         ("s001/smile", "rotated by 90"), _mesh_case(_move_mesh(_rot_y(90)))),
+    Case("frame_rotated_origin", "prepare", "one mesh rotated by 45 degrees about the origin",
+         ("s001/smile", "rotated by 45"), _mesh_case(_move_mesh(_rot_y(45, about_centroid=False)))),
+    Case("frame_mirrored", "prepare", "one mesh mirrored (x -> -x)", ("s001/smile", "mirrored"),
+         _mesh_case(_move_mesh(lambda v: v * np.array([-1.0, 1, 1])))),
+    Case("frame_scaled", "prepare", "one mesh twice the size of the others", ("s001/smile", "times the size"),
+         _mesh_case(_move_mesh(lambda v: (v - v.mean(0)) * 2 + v.mean(0)))),
+    Case("frame_scrambled", "prepare", "one mesh with its vertices in another order (same triangles)",
+         ("s001/smile", "not the same registration"), _mesh_case(_move_mesh(_scramble))),
+    Case("facescape_misplaced", "prepare", "a FaceScape TU model translated by 1e6 mm", ("2/smile", "mm from the other"),
+         _facescape_case("shifted")),
+    # --- issue 13: subject ids and expression names become file names and command arguments
+    Case("subject_path_traversal", "prepare", "a manifest subject '../../evil'", ("line", "../../evil", "not a valid"),
+         _manifest_case(_manifest_name("subject", "../../evil"))),
+    Case("subject_with_space", "prepare", "a manifest subject 's 001'", ("line", "'s 001'", "not a valid"),
+         _manifest_case(_manifest_name("subject", "s 001"))),
+    Case("expression_with_slash", "prepare", "a manifest expression 'smile/open'", ("expression", "not a valid"),
+         _manifest_case(_manifest_name("expression", "smile/open"))),
+    Case("config_test_subject_path", "prepare", "data.split.test_subjects: ['../x']", ("test_subjects", "../x"),
+         _config_case(_set("data.split.test_subjects", ["../x"]))),
+    Case("config_run_with_slash", "prepare", "run: 'a/../../b'", ("run", "not a valid run name"),
+         _config_case(_set("run", "a/../../b"))),
+    # --- issue 13: operating-system errors: one line naming the path and the cause
+    Case("results_through_file", "prepare", "results: a path under a regular file", ("cannot write",),
+         _results_through_file),
+    Case("disk_full_prepare", "prepare", "writing registered.h5 fails (file-size limit, as on a full disk)",
+         ("registered.h5", "cannot write", "file too large"), _disk_full("prepare")),
+    Case("disk_full_fit", "fit", "writing the fit fails (file-size limit, as on a full disk)",
+         ("cannot write", "file too large"), _disk_full("fit")),
+    # --- issue 13: values a later stage would fail on, refused when the config is loaded
+    Case("config_widths_zero", "prepare", "model.decoder.widths: [0]", ("model.decoder.widths",),
+         _config_case(_set("model.decoder.widths", [0]))),
+    Case("config_widths_empty", "prepare", "model.decoder.widths: []", ("model.decoder.widths",),
+         _config_case(_set("model.decoder.widths", []))),
+    Case("config_fit_level_too_high", "prepare", "fit.level: 5 with template.levels: 1", ("fit.level", "template.levels"),
+         _config_case(_set("fit.level", 5))),
+    Case("config_template_levels_9", "prepare", "template.levels: 9", ("template.levels", "more than"),
+         _config_case(_set("template.levels", 9))),
+    Case("config_lr_milestones", "prepare", "train.lr_milestones: [0.9, 1.5]", ("train.lr_milestones",),
+         _config_case(_set("train.lr_milestones", [0.9, 1.5]))),
+    Case("config_upsampling_fractions", "prepare", "evaluate.upsampling_fractions: [0, 1.5]",
+         ("evaluate.upsampling_fractions",), _config_case(_set("evaluate.upsampling_fractions", [0, 1.5]))),
+    Case("config_evaluate_level", "prepare", "evaluate.levels: [0, 4] with template.levels: 1", ("evaluate.levels",),
+         _config_case(_set("evaluate.levels", [0, 4]))),
+    Case("config_negative_seed", "prepare", "train.seed: -1", ("train.seed", ">= 0"), _config_case(_set("train.seed", -1))),
+    Case("config_infinite", "prepare", "train.lr: .inf", ("train.lr", "finite"), _config_case(_set("train.lr", float("inf")))),
+    # --- issue 13: clearer messages
+    Case("config_tab", "prepare", "a YAML config indented with a tab", ("line 2", "tab"),
+         _config_case(text="train:\n\tsteps: 3\n")),
+    Case("config_empty", "prepare", "an empty config file", ("empty",), _config_case(text="")),
+    Case("config_duplicate_key", "prepare", "a config giving train.steps twice", ("steps", "twice", "line 3"),
+         _config_case(text="train:\n  steps: 3\n  steps: 4\n")),
+    Case("ply_wrong_endian", "prepare", "a little-endian PLY body under a binary_big_endian header",
+         ("byte order",), _mesh_case(_ply_wrong_endian)),
+    Case("model_is_folder", "fit", "fit --model naming a folder", ("is a folder",), _fit_case("folder")),
+    # --- issue 13: scans that are no face
+    Case("scan_collinear", "fit", "300 collinear points, face-sized", ("line",), _scan_case(_points_ply(_scan_shape("line")))),
+    Case("scan_plane", "fit", "a flat square of 2,000 points", ("plane",), _scan_case(_points_ply(_scan_shape("plane")))),
+    Case("scan_sphere", "fit", "2,000 points on a ball of radius 90 mm", ("does not look like a face",),
+         _scan_case(_points_ply(_scan_shape("sphere")))),
+    Case("scan_noise", "fit", "2,000 random points in a 160 mm box", ("volume",), _scan_case(_points_ply(_scan_shape("noise")))),
 ]
+
+
+def file_size_limit(limit: int | None):
+    """A ``preexec_fn`` setting RLIMIT_FSIZE (None: no limit): writes past ``limit`` bytes fail with
+    EFBIG, as writes on a full disk fail with ENOSPC (Python ignores SIGXFSZ)."""
+    if limit is None:
+        return None
+
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
 
 
 def cases_by_name() -> dict[str, Case]:
@@ -851,7 +1041,8 @@ def run_all(out: Path) -> dict[str, str]:
         folder = out / case.name
         oc = case.setup(CaseDir(base, folder))
         proc = subprocess.run([sys.executable, "-m", "cm3dmm", *oc.argv], cwd=folder, capture_output=True,
-                              text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                              text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                              preexec_fn=file_size_limit(oc.fsize_limit))
         line = " / ".join(ln for ln in proc.stderr.splitlines() if ln.strip())
         got[case.name] = f"[exit {proc.returncode}] " + line.replace(str(folder), "…") if proc.returncode != 2 \
             else line.replace(str(folder), "…")

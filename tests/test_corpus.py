@@ -56,7 +56,7 @@ def results(request, base, tmp_path_factory):
         try:
             folder = root / case.name
             oc = case.setup(corpus.CaseDir(base, folder))
-            return oc, run_cli(oc.argv, folder)
+            return oc, run_cli(oc.argv, folder, oc.fsize_limit)
         except Exception as exc:  # reported by the case's own test
             return exc
 
@@ -64,9 +64,9 @@ def results(request, base, tmp_path_factory):
         return dict(zip([c.name for c in cases], pool.map(one, cases)))
 
 
-def run_cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run_cli(argv: list[str], cwd: Path, fsize_limit: int | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cm3dmm", *argv], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, preexec_fn=corpus.file_size_limit(fsize_limit))
 
 
 def stray_temp_files(folder: Path) -> list[Path]:

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from cm3dmm.errors import InputError, WriteError, os_error_cause
+
+#: a folder with less free space than this cannot take any output: refused before the work starts
+MIN_FREE_BYTES = 1 << 20
 
 
 def _current_umask() -> int:
@@ -71,11 +77,14 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     (:func:`remove_stale_temporaries`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     suffix = path.suffix if suffix is None else suffix
     remove_stale_temporaries(path, suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-{_HOST}.{os.getpid()}-", suffix=suffix,
-                               dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-{_HOST}.{os.getpid()}-", suffix=suffix,
+                                   dir=path.parent)
+    except OSError as exc:
+        raise WriteError(path, os_error_cause(exc) or str(exc)) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -86,10 +95,66 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs get normal permissions
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
+        cause = None if isinstance(exc, (InputError, WriteError, KeyboardInterrupt)) else _write_cause(exc, path)
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if cause is not None:  # disk full, permission denied, ...: one line naming the output
+            raise WriteError(path, cause) from exc
         raise
+
+
+def _write_cause(exc: BaseException, path: Path) -> str | None:
+    """The operating system's reason a write of ``path`` failed (while its temporary still fills the
+    disk), or None when ``exc`` is not about the file system."""
+    cause = os_error_cause(exc)
+    if cause is None and isinstance(exc, (OSError, RuntimeError, ValueError)):
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(path.parent).free < MIN_FREE_BYTES:
+                cause = "No space left on device"
+    return cause
+
+
+def make_folder(folder: str | os.PathLike) -> Path:
+    """``mkdir -p folder``; failure is a :class:`WriteError` naming the folder and the cause."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise WriteError(folder, "a file of that name is in the way, not a folder") from None
+    except OSError as exc:
+        raise WriteError(folder, os_error_cause(exc) or str(exc)) from None
+    if not folder.is_dir():
+        raise WriteError(folder, "not a folder")
+    return folder
+
+
+def check_writable(folder: str | os.PathLike, need_bytes: int = 0) -> Path:
+    """Before a stage's work starts: ``folder`` exists or can be created, a file can be created in it,
+    and it has at least ``max(need_bytes, MIN_FREE_BYTES)`` free. :class:`WriteError` otherwise."""
+    folder = make_folder(folder)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".tmp-probe-{_HOST}.{os.getpid()}-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise WriteError(folder, os_error_cause(exc) or str(exc)) from None
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return folder
+    need = max(int(need_bytes), MIN_FREE_BYTES)
+    if free < need:
+        raise WriteError(folder, f"No space left on device: {_size(free)} free, the stage needs about {_size(need)}")
+    return folder
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cm3dmm.errors import InputError
+from cm3dmm.io.mesh_checks import check_coordinates
 from cm3dmm.io.mesh import Mesh, per_vertex_uv
 
 _SP, _NL, _SLASH = 32, 10, ord("/")
@@ -249,9 +250,7 @@ def _assemble(parts: dict, path: Path) -> Mesh:
     v = parts["v"]
     if len(v) == 0:
         raise InputError("no vertices ('v' lines): not an OBJ mesh", path)
-    if not np.isfinite(v).all():
-        bad = int(np.flatnonzero(~np.isfinite(v).all(axis=1))[0])
-        raise InputError(f"vertex {bad} has NaN or infinite coordinates", path)
+    check_coordinates(v, path, first_index=1)
     if parts.get("f") is None:
         return Mesh(vertices=v, faces=np.zeros((0, 3), np.int64))
     corners, cols = parts["f"]

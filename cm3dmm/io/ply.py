@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cm3dmm.errors import InputError
+from cm3dmm.io.mesh_checks import check_coordinates
 from cm3dmm.io.mesh import Mesh
 
 _TYPES = {
@@ -133,9 +134,7 @@ def parse_ply(raw: bytes, path: str | os.PathLike = "<ply>", vertices_only: bool
     v = np.stack([np.asarray(vert[a], dtype=np.float64) for a in "xyz"], axis=1)
     if len(v) == 0:
         raise InputError("PLY file has no vertices", path)
-    if not np.isfinite(v).all():
-        bad = int(np.flatnonzero(~np.isfinite(v).all(axis=1))[0])
-        raise InputError(f"vertex {bad} has NaN or infinite coordinates", path)
+    check_coordinates(v, path, first_index=0, endian=endian)
     if vertices_only:
         return Mesh(vertices=v, faces=np.zeros((0, 3), np.int64))
     normals = uv = None

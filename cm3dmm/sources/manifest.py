@@ -20,7 +20,7 @@ import numpy as np
 
 from cm3dmm.errors import InputError
 from cm3dmm.io.mesh import read_mesh
-from cm3dmm.registered import SPLITS, RegisteredData
+from cm3dmm.registered import SPLITS, RegisteredData, name_problem
 from cm3dmm.sources.crop import apply_crop, crop_indices, unit_scale
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,10 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
             for c in REQUIRED:
                 if not row.get(c):
                     raise InputError(f"line {lineno}: empty '{c}'", path)
+            for c in ("subject", "expression"):
+                problem = name_problem(c, row[c])
+                if problem:
+                    raise InputError(f"line {lineno}: {problem}", path)
             sp = row.get("split", "")
             if sp and sp not in SPLITS:
                 raise InputError(f"line {lineno}: split {sp!r} is not one of {list(SPLITS)}", path)
