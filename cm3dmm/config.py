@@ -638,59 +638,6 @@ def config_subset(values: dict, keys) -> dict:
     return out
 
 
-def coerce_text_values(values: dict, cls: type = None, prefix: str = "") -> dict:
-    """``values`` with text where the config expects a number, a bool or a list read as YAML.
-
-    Snakemake's ``--config fit='{max_iter: 31}'`` hands nested values over as strings (``'31'``);
-    this gives them the type of their :class:`Config` field (``31``), so the command line works
-    as a config file does. Text for text fields, unknown keys and unreadable text stay as they
-    are (validation then names them).
-    """
-    import yaml
-
-    cls = cls or Config
-    hints = typing.get_type_hints(cls)
-    out = dict(values)
-    for key, value in values.items():
-        tp = hints.get(key) if isinstance(key, str) else None
-        if tp is None:
-            continue
-        out[key] = _coerce_text(tp, value, yaml)
-    return out
-
-
-def _coerce_text(tp: Any, value: Any, yaml) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    if dataclasses.is_dataclass(tp):
-        return coerce_text_values(value, tp) if isinstance(value, dict) else value
-    if tp is str:
-        return value
-    if isinstance(value, str):
-        try:
-            value = yaml.safe_load(value)
-        except (yaml.YAMLError, ValueError):
-            return value
-    if typing.get_origin(tp) is list and isinstance(value, list):
-        (item,) = typing.get_args(tp)
-        return [_coerce_text(item, v, yaml) for v in value]
-    return value
-
-
-def config_subset(values: dict, keys) -> dict:
-    """The part of a plain config dict named by ``keys``: sections (``"fit"``) or single keys
-    (``"cache.seed"``), nested as in the config. The workflow hands each rule the part it reads."""
-    out: dict = {}
-    for key in keys:
-        parts = key.split(".")
-        src, dst = values, out
-        for p in parts[:-1]:
-            src = src[p]
-            dst = dst.setdefault(p, {})
-        dst[parts[-1]] = src[parts[-1]]
-    return out
-
-
 def config_to_dict(cfg) -> dict:
     """The plain-dict form of a config (for model files, JSON and YAML dumps)."""
     return dataclasses.asdict(cfg)
