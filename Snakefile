@@ -8,6 +8,11 @@
 #   snakemake --forcerun train                              redo one stage
 #   snakemake --profile workflow/profiles/slurm             on a SLURM cluster
 
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
 configfile: "config/config.yaml"
 
 

@@ -6,6 +6,6 @@ rule cache_samples:
         train=str(P.cache("train")),
         test=str(P.cache("test")),
     params:
-        cfg=CFG_JSON,
+        cfg=stage_config("cache"),
     shell:
-        "{CLI} cache --config-json {params.cfg:q}"
+        "{CLI} cache --config-json {CFG_ARG}"

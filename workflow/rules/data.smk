@@ -5,6 +5,6 @@ checkpoint prepare_data:
         **({"preview": report(str(P.preview), category="1. Data", caption="../report/preview.rst")}
            if CFG.data.preview else {}),
     params:
-        cfg=CFG_JSON,
+        cfg=stage_config("data"),
     shell:
-        "{CLI} prepare --config-json {params.cfg:q}"
+        "{CLI} prepare --config-json {CFG_ARG}"

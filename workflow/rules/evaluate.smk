@@ -31,10 +31,10 @@ rule train_upsampling:
     wildcard_constraints:
         frac=r"[0-9.]+",
     params:
-        cfg=CFG_JSON,
+        cfg=stage_config("model", "train", "cache.seed", "evaluate.upsampling_steps"),
     threads: 1  # small models: several fractions (or the main training) run side by side
     shell:
-        "{CLI} train-upsampling --config-json {params.cfg:q} --set train.threads={threads} "
+        "{CLI} train-upsampling --config-json {CFG_ARG} --set train.threads={threads} "
         "--fraction {wildcards.frac:q}"
 
 
@@ -49,10 +49,10 @@ rule train_size:
     wildcard_constraints:
         dim=r"[0-9]+",
     params:
-        cfg=CFG_JSON,
+        cfg=stage_config("model", "train", "evaluate.model_dims_steps"),
     threads: 1  # like the upsampling models: several run side by side
     shell:
-        "{CLI} train-size --config-json {params.cfg:q} --set train.threads={threads} --dim {wildcards.dim:q}"
+        "{CLI} train-size --config-json {CFG_ARG} --set train.threads={threads} --dim {wildcards.dim:q}"
 
 
 def _table_outputs():
@@ -80,10 +80,10 @@ rule evaluate:
     output:
         **_table_outputs(),
     params:
-        cfg=CFG_JSON,
+        cfg=stage_config("model", "train", "fit", "baselines", "evaluate"),
     threads: ALL_CORES
     shell:
-        "{CLI} evaluate --config-json {params.cfg:q} --set train.threads={threads}"
+        "{CLI} evaluate --config-json {CFG_ARG} --set train.threads={threads}"
 
 
 rule figures:
@@ -98,7 +98,7 @@ rule figures:
                         labels={"figure": name})
            for name in FIGURES},
     params:
-        cfg=CFG_JSON,
+        cfg=stage_config("baselines.methods", "evaluate.seed"),
     threads: 1
     shell:
-        "{CLI} figures --config-json {params.cfg:q} --set train.threads={threads}"
+        "{CLI} figures --config-json {CFG_ARG} --set train.threads={threads}"

@@ -15,6 +15,6 @@ rule fit:
         method="cm3dmm|pca|bilinear",
     threads: 1
     params:
-        cfg=CFG_JSON,
+        cfg=stage_config("fit"),
     shell:
-        "{CLI} fit --config-json {params.cfg:q} --method {wildcards.method:q} --subject {wildcards.subject:q}"
+        "{CLI} fit --config-json {CFG_ARG} --set train.threads={threads} --method {wildcards.method:q} --subject {wildcards.subject:q}"

@@ -8,6 +8,6 @@ rule template:
         layout=report(str(P.uv_layout), category="2. Template", caption="../report/uv_layout.rst"),
         levels=report(str(P.levels_png), category="2. Template", caption="../report/levels.rst"),
     params:
-        cfg=CFG_JSON,
+        cfg=stage_config("template"),
     shell:
-        "{CLI} template --config-json {params.cfg:q}"
+        "{CLI} template --config-json {CFG_ARG}"
