@@ -281,3 +281,61 @@ def test_real_ict_obj_gz_reads_fast():
     assert m.polygon.max() + 1 == 26384  # README: 26,384 polygons
     np.testing.assert_allclose(m.vertices[0], [0, -2.48251, 11.8387])
     assert dt < 1.0, f"reading took {dt:.2f}s"
+
+
+# ----------------------------------------------------------------------------- issue 13
+def test_bad_vertices_are_counted_as_the_file_counts(tmp_path):
+    """OBJ vertices are numbered from 1 (as its faces index them), PLY vertices from 0."""
+    obj = _write(tmp_path / "nan.obj", "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 1 nan 2\nf 1 2 3\n")
+    with pytest.raises(InputError, match=r"vertex 4 \(OBJ counts from 1\) has NaN"):
+        read_mesh(obj)
+    ply = _write(tmp_path / "nan.ply", b"ply\nformat ascii 1.0\nelement vertex 2\nproperty float x\nproperty float y\n"
+                 b"property float z\nend_header\n0 0 0\n0 inf 0\n")
+    with pytest.raises(InputError, match=r"vertex 1 \(counting from 0\) has NaN"):
+        read_mesh(ply)
+    huge = _write(tmp_path / "huge.obj", "v 0 0 0\nv 1e300 0 0\nv 0 1 0\n")
+    with pytest.raises(InputError, match=r"vertex 2 .* coordinate of 1e\+300"):
+        read_mesh(huge)
+
+
+def test_wrong_byte_order_is_named_without_a_numpy_warning(tmp_path):
+    import warnings
+
+    m = _grid()
+    head = (f"ply\nformat binary_big_endian 1.0\nelement vertex {len(m.vertices)}\nproperty float x\n"
+            "property float y\nproperty float z\nend_header\n").encode()
+    path = _write(tmp_path / "be.ply", head + np.asarray(m.vertices + 1000, "<f4").tobytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError, match=r"byte order, binary_big_endian") as ei:
+            read_mesh(path)
+    assert ei.value.path == str(path)
+
+
+def test_atomic_write_errors_name_the_output_and_leave_nothing(tmp_path):
+    """A write failing as on a full disk (a file-size limit: EFBIG) in a child process: WriteError naming
+    the final path with the OS's cause, and neither the output nor a temporary is left."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "sub" / "big.bin"
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "from cm3dmm.io.atomic import atomic_write_bytes\nfrom cm3dmm.errors import WriteError\n"
+            f"try:\n    atomic_write_bytes({str(out)!r}, b'x' * 100000)\n"
+            "except WriteError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == f"{out}: cannot write (File too large)", proc.stdout + proc.stderr
+    assert not list(out.parent.iterdir())
+
+
+def test_os_error_cause_reads_hdf5_and_torch_texts():
+    from cm3dmm.errors import os_error_cause
+
+    assert os_error_cause(OSError(28, "No space left on device", "x")) == "No space left on device"
+    h5 = RuntimeError("Can't write data (file write failed: time = x, filename = 'a.h5', file descriptor = 5, "
+                      "errno = 28, error message = 'No space left on device', buf = 0x1)")
+    assert os_error_cause(h5) == "No space left on device"
+    assert os_error_cause(RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter "
+                                       "failed writing file data/0: file write failed")) == "the write failed"
+    assert os_error_cause(RuntimeError("shape mismatch")) is None
+    assert os_error_cause(ValueError("x")) is None

@@ -383,6 +383,12 @@ def test_config_from_values(tmp_path_factory, values, overrides):
 @example("train: {steps: " + "9" * 5000 + "}\n")  # past Python's int-string limit
 @example("train: {lr: 1e-3}\n")  # YAML 1.1 reads this as a string; accepted as a number
 @example("? [a, b]\n: 1\n")
+@example("train:\n\tsteps: 3\n")  # a tab (issue 13): line and column, the tab named
+@example("train:\n  steps: 3\n  steps: 4\n")  # a duplicated key (issue 13)
+@example("")  # an empty file (issue 13)
+@example("model: {decoder: {widths: []}}\n")  # values a stage would fail on (issue 13)
+@example("fit: {level: 9}\ntemplate: {levels: 2}\n")
+@example("train: {lr_milestones: [.nan]}\n")
 @example("&a [*a]\n")
 def test_config_from_text(tmp_path_factory, text):
     from cm3dmm.config import load_config
