@@ -339,3 +339,14 @@ def test_os_error_cause_reads_hdf5_and_torch_texts():
                                        "failed writing file data/0: file write failed")) == "the write failed"
     assert os_error_cause(RuntimeError("shape mismatch")) is None
     assert os_error_cause(ValueError("x")) is None
+
+
+def test_open_h5_tells_a_folder_from_a_corrupt_file(tmp_path):
+    from cm3dmm.io.hdf5 import open_h5
+
+    (tmp_path / "registered.h5").mkdir()
+    with pytest.raises(InputError, match="is a folder, not the registered dataset file"):
+        open_h5(tmp_path / "registered.h5", "registered dataset")
+    (tmp_path / "bad.h5").write_bytes(b"\x89HDF" + bytes(100))
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        open_h5(tmp_path / "bad.h5", "registered dataset")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cm3dmm.errors import InputError
+from cm3dmm.errors import InputError, os_error_cause
 
 
 def open_h5(path: str | os.PathLike, what: str = "HDF5 file"):
@@ -18,9 +18,14 @@ def open_h5(path: str | os.PathLike, what: str = "HDF5 file"):
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} not found", path)
+    if path.is_dir():
+        raise InputError(f"is a folder, not the {what} file", path)
     try:
         return h5py.File(path, "r")
     except Exception as exc:  # h5py raises OSError with cryptic text for truncation
+        cause = os_error_cause(exc)
+        if cause is not None:  # unreadable (permissions, I/O error), not corrupt
+            raise InputError(f"cannot read the {what} ({cause})", path) from None
         raise InputError(f"{what} is corrupt or truncated ({_short(exc)})", path) from None
 
 
