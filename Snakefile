@@ -23,6 +23,7 @@ include: "workflow/rules/cache.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/fit.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/scanfits.smk"
 include: "workflow/rules/release.smk"
 
 

@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", dest="x_out", default=None, help="output model.pt")
     add("evaluate", "metrics + tables -> tables/", "evaluate", "run_evaluate")
     add("figures", "figures -> figures/", "figures", "run_figures")
+    add("scan-fits", "test faces as raw scans, fitted without correspondence -> tables/scan_fits", "scanfit_eval",
+        "run_scan_fits")
     _add_model_tools(sub)
     return parser
 

@@ -221,6 +221,24 @@ class ReleaseConfig:
 
 
 @dataclass
+class ScanFitConfig:
+    """The scan-fit table (cm3dmm.scanfit_eval): test faces turned into raw scans and fitted."""
+
+    subjects: int = 2  #: test subjects (spread evenly; 0 = all)
+    expressions: int = 2  #: expressions per subject (spread evenly; 0 = all)
+    #: full | normals | frontal | side | mouth-hole
+    variants: list[str] = field(default_factory=lambda: ["full", "normals", "frontal", "side", "mouth-hole"])
+    methods: list[str] = field(default_factory=list)  #: methods fitted (empty = cm3dmm + baselines.methods)
+    points: int = 20000  #: area-weighted surface samples per scan (before the partial variants' cuts)
+    noise_mm: float = 0.3  #: Gaussian noise per coordinate
+    rot_min: float = 5.0  #: degrees of the random rotation (uniform in [rot_min, rot_max])
+    rot_max: float = 25.0
+    shift_mm: float = 50.0  #: random translation per axis (uniform in +-shift_mm)
+    distance_mm: float = 500.0  #: added distance from the scanner along z
+    seed: int = 0
+
+
+@dataclass
 class Config:
     run: str = "default"  #: results/{run}/
     results: str = "results"
@@ -232,6 +250,7 @@ class Config:
     fit: FitConfig = field(default_factory=FitConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    scan_fits: ScanFitConfig = field(default_factory=ScanFitConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
 
     @property
@@ -262,6 +281,7 @@ _POSITIVE = {
     "model.encoder.log2_table_size", "train.steps", "train.batch_faces", "train.vertex_points",
     "train.lr", "train.code_lr", "train.checkpoint_every", "train.validate_every", "train.log_every", "fit.max_iter",
     "baselines.bilinear_id", "baselines.bilinear_exp", "evaluate.chamfer_points",
+    "scan_fits.points",
 }
 _NONNEGATIVE = {
     "template.levels", "cache.n_heldout", "cache.scan_distance", "train.continuous_points",
@@ -270,6 +290,8 @@ _NONNEGATIVE = {
     "train.threads", "train.val_faces", "baselines.pca_dim", "evaluate.upsampling_steps", "data.preview_subjects",
     "evaluate.train_subjects", "evaluate.surface_faces", "evaluate.timing_repeats", "evaluate.upsampling_subjects",
     "evaluate.model_dims_steps",
+    "scan_fits.subjects", "scan_fits.expressions", "scan_fits.noise_mm", "scan_fits.rot_min", "scan_fits.rot_max",
+    "scan_fits.shift_mm", "scan_fits.distance_mm",
 }
 #: lists whose items must be at least this
 _LIST_MIN = {"baselines.pca_dims": 1, "baselines.bilinear_dims": 1, "evaluate.model_dims": 2}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 #: Tables of the evaluate stage (each as .csv, .md, .tex and .html in tables/)
 TABLES = ("reconstruction", "regions", "pca_sweep", "upsampling", "timing")
+#: Tables written by their own rules: scan_fits (rule scan_fits, workflow/rules/scanfits.smk)
+SCAN_FIT_TABLES = ("scan_fits",)
 #: Extensions of every table
 TABLE_FORMATS = ("csv", "md", "tex", "html")
 #: Figures of the figures stage (figures/{name}.png)

@@ -81,7 +81,7 @@ def fit_outputs(wildcards=None):
 def final_outputs(wildcards=None):
     from cm3dmm.paths import FIGURES, TABLES
 
-    out = [str(P.table(name, "csv")) for name in TABLES]
+    out = [str(P.table(name, "csv")) for name in TABLES] + SCAN_FIT_OUTPUTS  # scanfits.smk
     if CFG.evaluate.figures:
         out += [str(P.figure(name)) for name in FIGURES]
     return out
