@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 import re
 from pathlib import Path
 
@@ -64,6 +65,10 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise InputError("release checkpoint not found", path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # a torch file holding Python objects beyond tensors
+        raise InputError("the checkpoint holds Python objects besides tensors, which are not loaded (unsafe "
+                         f"unpickling: {str(exc).splitlines()[0][:100]}); if you trust the file, save its "
+                         "'state_dict' alone with torch.save and import that", path) from None
     except Exception as exc:  # corrupt, truncated or not a torch file
         raise InputError(f"not a readable torch checkpoint ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:120] if str(exc) else ''})", path) from None

@@ -205,6 +205,13 @@ def test_cli_import_release_and_bad_files(release_files, tmp_path, capsys):
                  "--out", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.pth" in err[0] and "checkpoint" in err[0]
+    # a checkpoint with Python objects besides tensors is not unpickled
+    import argparse
+
+    risky = tmp_path / "risky.pth"
+    torch.save({"state_dict": release_files["state"], "args": argparse.Namespace(lr=1e-3)}, risky)
+    with pytest.raises(InputError, match="Python objects besides tensors"):
+        import_release(risky, release_files["pre"], tmp_path / "z.pt")
     # a level table of the wrong size names the level and the settings
     state = dict(release_files["state"])
     state["uv_hash_enncoder.levels.1.embedding.weight"] = torch.zeros(100, FEATS)
