@@ -124,9 +124,9 @@ def training_codes(path: str | os.PathLike, fm) -> tuple[np.ndarray, np.ndarray]
     codes (no expression block), bilinear's identity / expression weights."""
     path = Path(path)
     if fm.method == "cm3dmm":
-        from cm3dmm.model import load_model
+        from cm3dmm.model import read_model_file
 
-        _, extra = load_model(path)
+        extra = read_model_file(path).get("extra")  # the code tables only: no model to rebuild
         tables = extra.get("codes") if isinstance(extra, dict) else None
         if not tables or "id" not in tables or "exp" not in tables:
             raise InputError("model file has no training code tables (extra['codes'])", path)
@@ -315,10 +315,27 @@ class Model:
             return np.asarray(verts, np.float64), np.asarray(faces, np.int64), level_uv(self.template, lv)
         if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or not 2 <= int(grid) <= MAX_GRID:
             raise InputError(f"grid must be an integer in 2..{MAX_GRID}, got {grid!r}")
+        g = self._grid(int(grid))
+        return self._at_points(zi, ze, g.tri, g.bary, g.uv), np.asarray(g.faces, np.int64), np.asarray(g.uv, np.float64)
+
+    def _grid(self, n: int):
+        """The uniform UV grid of density ``n`` (:func:`cm3dmm.upsample.uv_grid`), built once."""
         from cm3dmm.upsample import uv_grid
 
-        g = uv_grid(self.template, int(grid))
-        return self._at_points(zi, ze, g.tri, g.bary, g.uv), np.asarray(g.faces, np.int64), np.asarray(g.uv, np.float64)
+        cache = self.__dict__.setdefault("_grids", {})
+        if n not in cache:
+            cache[n] = uv_grid(self.template, n)
+        return cache[n]
+
+    def _landmarks_in(self, key, faces, uv):
+        """Where the landmarks lie in the mesh of ``key`` (level or grid), located once per mesh."""
+        from cm3dmm import landmarks as lmk
+
+        cache = self.__dict__.setdefault("_located", {})
+        key = (id(self.landmarks), key)
+        if key not in cache:
+            cache[key] = lmk.locate_in_mesh(self.landmarks, faces, uv)
+        return cache[key]
 
     def _at_points(self, zi, ze, tri, bary, uv) -> np.ndarray:
         """Positions (B, P, 3) at template points (tri, bary): the continuous model decodes there,
@@ -347,7 +364,7 @@ class Model:
         from cm3dmm.export import face_mesh
 
         verts, faces, uv = self.points(codes, level, grid)
-        pos = lmk.positions_on(self.landmarks, verts, faces, uv)
+        pos = lmk.positions_on(self.landmarks, verts, faces, uv, self._landmarks_in((level, grid), faces, uv))
         meta = {"method": self.method, "level": None if grid is not None else int(level), "grid": grid, "units": "mm"}
         return [face_mesh(v, faces, uv, dict(zip(self.landmarks.names, p)), meta) for v, p in zip(verts, pos)]
 
@@ -356,7 +373,7 @@ class Model:
         from cm3dmm import landmarks as lmk
 
         verts, faces, uv = self.points(codes, level)
-        pos = lmk.positions_on(self.landmarks, verts, faces, uv)
+        pos = lmk.positions_on(self.landmarks, verts, faces, uv, self._landmarks_in((level, None), faces, uv))
         return {n: pos[:, i] for i, n in enumerate(self.landmarks.names)}
 
     # -------------------------------------------------------------- fitting

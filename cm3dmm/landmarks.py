@@ -156,15 +156,37 @@ def write_landmark_file(path: str | os.PathLike, landmarks: LandmarkSet) -> None
     atomic_write_json(path, landmarks.to_dict())
 
 
-def positions_on(landmarks: LandmarkSet, vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray) -> np.ndarray:
-    """Landmark positions on meshes whose points have UVs: vertices (..., P, 3), faces (T, 3) over
-    the P points, uv (P, 2) -> (..., L, 3). Each landmark's UV is located in the mesh's own UV
-    triangulation (the nearest boundary point when a grid mesh does not reach it)."""
+def locate_in_mesh(landmarks: LandmarkSet, faces: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each landmark's triangle (L,) and barycentrics (L, 3) in a mesh whose points have UVs
+    (faces (T, 3) over the P points, uv (P, 2)); a landmark the mesh does not reach (a UV grid's
+    edge) takes the nearest boundary point. Only the triangles around the landmarks are indexed
+    (a level-3 or 512-grid mesh has ~10^5 triangles; the landmarks need a few dozen)."""
+    from scipy.spatial import cKDTree
+
     from cm3dmm.uv import UVLocator
 
+    f = np.asarray(faces, np.int64)
+    q = np.asarray(uv, np.float64)
+    if len(landmarks) == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 3))
+    _, near = cKDTree(q).query(landmarks.uv, k=min(24, len(q)))
+    mark = np.zeros(len(q), bool)
+    mark[np.asarray(near).ravel()] = True
+    cand = np.flatnonzero(mark[f].any(1))
+    # a landmark in none of them (beyond a grid mesh's edge, e.g. an eye corner on a hole) gets the
+    # nearest point of their boundary: the triangles around its nearest mesh points hold that point
+    tri, bary, _ = UVLocator(q, f[cand]).locate(landmarks.uv)
+    return cand[tri], bary
+
+
+def positions_on(landmarks: LandmarkSet, vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray,
+                 located: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Landmark positions on meshes whose points have UVs: vertices (..., P, 3), faces (T, 3) over
+    the P points, uv (P, 2) -> (..., L, 3). Each landmark's UV is located in the mesh's own UV
+    triangulation (:func:`locate_in_mesh`; pass its result as ``located`` to reuse it)."""
     if len(landmarks) == 0:
         return np.zeros(np.shape(vertices)[:-2] + (0, 3))
-    tri, bary, _ = UVLocator(np.asarray(uv, np.float64), np.asarray(faces)).locate(landmarks.uv)
+    tri, bary = located if located is not None else locate_in_mesh(landmarks, faces, uv)
     v = np.asarray(vertices, np.float64)
     corners = v[..., np.asarray(faces)[tri], :]
     return np.einsum("...lkc,lk->...lc", corners, bary)
