@@ -344,3 +344,14 @@ def test_output_folder_is_checked_before_the_work(tmp_path):
         check_writable(tmp_path / "ok", need_bytes=1 << 62)
     assert check_writable(tmp_path / "ok").is_dir()
     assert not list((tmp_path / "ok").iterdir())  # the probe file is gone
+    import subprocess
+    import sys
+
+    from cm3dmm.io.atomic import _HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / "ok" / f".tmp-probe-{_HOST}.{dead.pid}-abc123"  # a check killed mid-probe
+    killed.write_text("")
+    check_writable(tmp_path / "ok")
+    assert not list((tmp_path / "ok").iterdir())

@@ -133,6 +133,7 @@ def check_writable(folder: str | os.PathLike, need_bytes: int = 0) -> Path:
     """Before a stage's work starts: ``folder`` exists or can be created, a file can be created in it,
     and it has at least ``max(need_bytes, MIN_FREE_BYTES)`` free. :class:`WriteError` otherwise."""
     folder = make_folder(folder)
+    remove_stale_temporaries(folder / "probe", suffix="")  # probes of killed checks
     try:
         fd, probe = tempfile.mkstemp(prefix=f".tmp-probe-{_HOST}.{os.getpid()}-", dir=folder)
         os.close(fd)
