@@ -99,8 +99,9 @@ def release_forward(state: dict, uv: torch.Tensor, z_id: torch.Tensor, z_exp: to
     return torch.stack(outs)
 
 
-def build_release_files(root) -> dict:
-    """A checkpoint and predefined_model_data/ in the release's layout under ``root``."""
+def build_release_files(root, template=None) -> dict:
+    """A checkpoint and predefined_model_data/ in the release's layout under ``root`` (over a small
+    grid face, or over ``template``'s mean, triangles and UVs)."""
     torch.manual_seed(0)
     model = ReleaseLikeModel()
     g = torch.Generator().manual_seed(1)
@@ -113,11 +114,14 @@ def build_release_files(root) -> dict:
     torch.save({"epoch": 8000, "state_dict": model.state_dict()}, ckpt)
     d = make_registered(grid=7)
     mean = d.vertices.mean(0).astype(np.float64)
+    if template is not None:
+        d.faces, d.uv, mean = np.asarray(template.faces), np.asarray(template.uv), np.asarray(template.mean, np.float64)
     pre = root / "predefined_model_data"
     pre.mkdir()
     np.save(pre / "average_face_vert.npy", mean)
     np.save(pre / "front_faces.npy", d.faces.astype(np.int64) + 1)  # 1-based, as the release allows
-    np.save(pre / "vert_texcoords.npy", d.uv.astype(np.float64) * 0.8 + 0.1)
+    np.save(pre / "vert_texcoords.npy", d.uv.astype(np.float64) * (0.8 if template is None else 1.0)
+            + (0.1 if template is None else 0.0))
     uv = np.load(pre / "vert_texcoords.npy").astype(np.float32)
     lv1 = subdivide(d.faces, len(mean), 1, uv)
     sub = pre / "subdivision_template"
@@ -251,3 +255,33 @@ def test_fit_registered_and_scan_with_the_imported_model(release_files, imported
     write_mesh(scan, Mesh(vertices=dense[0].numpy().astype(np.float64) + [2.0, -1.0, 3.0], faces=dfaces.numpy()))
     res = run_fit(cfg, model=str(imported[0]), scan=[str(scan)], out=str(tmp_path / "s.npz"))
     assert res["mean_error_mm"] < 0.5 * spread  # well below the average face's distance to it
+
+
+def test_evaluation_runs_on_the_imported_model(tmp_path):
+    """A run whose template is the release's: the imported model as models/cm3dmm/model.pt, the fit
+    stage on the test subject and the evaluate stage (no baselines, extra sizes or upsampling)."""
+    from cm3dmm.config import config_from_dict
+    from cm3dmm.evaluate import run_evaluate
+    from cm3dmm.fit import run_fit
+    from cm3dmm.paths import RunPaths
+    from cm3dmm.registered import write_registered
+    from cm3dmm.template import load_template, run_template
+
+    cfg = config_from_dict({
+        "run": "r", "results": str(tmp_path), "template": {"levels": 1, "mask_resolution": 32},
+        "baselines": {"methods": []}, "fit": {"max_iter": 5, "points": 0, "coarse_points": 0},
+        "evaluate": {"levels": [0, 1], "model_dims": [], "upsampling_fractions": [], "chamfer_points": 200,
+                     "surface_faces": 1, "train_subjects": 1, "timing_repeats": 1}})
+    paths = RunPaths.of(cfg.run_dir)
+    data = make_registered(grid=7)
+    write_registered(paths.registered, data)
+    run_template(cfg)
+    (tmp_path / "release").mkdir()
+    files = build_release_files(tmp_path / "release", load_template(paths.template))
+    import_release(files["ckpt"], files["pre"], paths.model("cm3dmm"))
+    for s in data.subjects("test"):
+        run_fit(cfg, method="cm3dmm", subject=s)
+    ev = run_evaluate(cfg)
+    rec = ev.tables["reconstruction"]
+    assert set(rec["Method"]) == {"cm3dmm"} and set(rec["Dim"]) == {2 * CODE}
+    assert np.isfinite(rec["mean vertex error (mm)"]).all()
