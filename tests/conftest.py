@@ -54,6 +54,7 @@ def tiny_config(root, **sections):
     values = {
         "run": "t", "results": str(root),
         "template": {"levels": 1, "mask_resolution": 32},
+        "evaluate": {"levels": [0, 1]},  # within template.levels (config validation)
         "cache": {"n_continuous": 60, "n_heldout": 20},
         "model": {"id_dim": 3, "exp_dim": 3,
                   "encoder": {"n_levels": 2, "n_features": 2, "finest_resolution": 8},
