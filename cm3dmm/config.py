@@ -126,6 +126,12 @@ class ModelConfig:
     exp_dim: int = 64
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    #: a linear basis field inside the model: f(uv, z) = B(uv) z + r(uv, z), B a per-vertex basis
+    #: interpolated at uv and initialised from the PCA of the training faces (False: r only, the release)
+    basis: bool = False
+    #: how per-vertex quantities (the average face, the basis) are evaluated between vertices:
+    #: linear (barycentric) | smooth (partition of unity of local quadratic fits, cm3dmm.nn.smooth)
+    interpolation: str = "linear"
 
 
 @dataclass
@@ -146,6 +152,8 @@ class TrainConfig:
     reg_weight: float = 0.1  #: weight of the cosine embedding losses
     prior_weight: float = 0.3  #: weight of the code mean / std priors
     code_std: float = 0.01
+    #: learning rate of the linear basis (model.basis; 0 = frozen at its PCA start)
+    basis_lr: float = 1e-4
     checkpoint_every: int = 500
     validate_every: int = 250
     seed: int = 0
@@ -266,6 +274,7 @@ _CHOICES = {
     "data.manifest.units": ("mm", "cm", "m"),
     "template.unwrap": ("auto", "source", "harmonic", "lscm"),
     "model.encoder.backend": ("dense", "hash", "seed-compatible", "tcnn", "auto"),
+    "model.interpolation": ("linear", "smooth"),
     "train.preset": ("", "paper", "cpu"),
     "train.code_mode": ("per-face", "per-subject"),
     "train.continuous": ("surface", "scan"),
@@ -284,7 +293,7 @@ _POSITIVE = {
     "scan_fits.points",
 }
 _NONNEGATIVE = {
-    "template.levels", "cache.n_heldout", "cache.scan_distance", "train.continuous_points",
+    "template.levels", "train.basis_lr", "cache.n_heldout", "cache.scan_distance", "train.continuous_points",
     "train.reg_weight", "train.prior_weight", "fit.prior_weight", "fit.tol", "fit.level",
     "fit.points", "fit.polish_iters", "fit.scan_points", "fit.coarse_points", "fit.coarse_iters", "fit.damping",
     "train.threads", "train.val_faces", "baselines.pca_dim", "evaluate.upsampling_steps", "data.preview_subjects",

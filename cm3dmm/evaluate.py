@@ -23,6 +23,7 @@ All metrics come from :mod:`cm3dmm.metrics` (millimetres).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -336,6 +337,13 @@ def _dim(fm) -> int:
     return int(fm.id_dim + fm.exp_dim)
 
 
+def _mode_text(fm, mode: str) -> str:
+    """How a fit shared codes: 'per-face codes' / 'shared identity per subject'."""
+    if mode == "per-subject" and fm.shared_identity:
+        return "shared identity per subject"
+    return "per-face codes"
+
+
 def _recon_row(split: str, method: str, dim: int, s: Scores, ctx: _Ctx, note: str = "",
                level_cd: dict[int, float] | None = None) -> dict:
     row = {"Split": split, "Method": method, "Dim": int(dim), "Faces": s.n_faces, COL_VE: s.mean_vertex_error,
@@ -392,7 +400,15 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
         s = score_faces(pred, ctx.test.vertices, ctx.faces, surface_idx=sidx_test, labels=ctx.labels,
                         names=ctx.region_names, **kw)
         level_cd = _level_chamfer(ctx, fm, method, zi, ze, ctx.test, sidx_test, s)
-        rows.append(_recon_row("test", method, dim, s, ctx, "fit stage", level_cd))
+        mode = ctx.cfg.fit.mode
+        rows.append(_recon_row("test", method, dim, s, ctx, f"fit stage ({_mode_text(fm, mode)})", level_cd))
+        if method == "cm3dmm" and fm.shared_identity:
+            # the other code sharing, so that the continuous model is seen both ways: per face (every
+            # face fitted freely, as PCA is) and per subject (one identity code for all its expressions)
+            other = "per-subject" if mode == "per-face" else "per-face"
+            _, _, pv_o, _ = _fit_faces(fm, ctx.test, dataclasses.replace(ctx.cfg.fit, mode=other))
+            so = score_faces(pv_o, ctx.test.vertices, ctx.faces, surface_idx=sidx_test, **kw)
+            rows.append(_recon_row("test", method, dim, so, ctx, f"fitted here ({_mode_text(fm, other)})"))
         for name in ctx.region_names:
             r = s.regions.get(name)
             if r is None:
@@ -412,7 +428,7 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
             else:
                 zi_t, ze_t, pv, _ = _fit_faces(fm, ctx.train, ctx.cfg.fit)
             st = score_faces(pv, ctx.train.vertices, ctx.faces, surface_idx=sidx_train, **kw)
-            rows.append(_recon_row("train", method, dim, st, ctx, "fitted here",
+            rows.append(_recon_row("train", method, dim, st, ctx, f"fitted here ({_mode_text(fm, ctx.cfg.fit.mode)})",
                                    _level_chamfer(ctx, fm, method, zi_t, ze_t, ctx.train, sidx_train, st)))
 
     # ---- PCA at the other sizes (fitted here, same fitter): pca_dims and the data's rank
@@ -474,7 +490,7 @@ def _other_sizes(ctx: _Ctx, facts: dict, sidx_test, sidx_train) -> list[dict]:
             raise InputError(f"holds a model of code size {_dim(fm)} over {fm.n_vertices} vertices, expected "
                              f"{d} over {ctx.template.n_vertices}: retrain it (rule train_size)", path)
         steps = size_config(ctx.cfg, d).train.steps
-        add("cm3dmm", fm, f"fitted here; trained {steps} steps",
+        add("cm3dmm", fm, f"fitted here ({_mode_text(fm, ctx.cfg.fit.mode)}); trained {steps} steps",
             lambda zi, ze, fs, sidx, sc, fm=fm: _level_chamfer(ctx, fm, "cm3dmm", zi, ze, fs, sidx, sc))
     facts["model_dims"] = extra_model_dims(ctx.cfg)
 

@@ -195,14 +195,17 @@ class NeuralFace(FaceModel):
         self.jacobian_chunk = int(jacobian_chunk)
 
     def context(self, vertex_ids=None):
+        from cm3dmm.model import Points
+
         m = self.model
         if vertex_ids is None:
-            uv, avg = m.uv, m.mean
+            ids = torch.arange(m.n_vertices, device=m.mean.device)
         else:
             ids = torch.as_tensor(np.asarray(vertex_ids, np.int64), device=m.mean.device)
-            uv, avg = m.uv[ids], m.mean[ids]
+        # template vertices: every interpolation is exact there (weight 1 on the vertex itself)
+        pts = Points(m.uv[ids], ids[:, None], torch.ones(len(ids), 1, dtype=m.mean.dtype, device=m.mean.device))
         with torch.no_grad():
-            ctx = m.precompute(uv, avg=avg)
+            ctx = m.precompute(pts.uv, avg=m.mean[ids], pts=pts)
         # the decoder's effective weights, fixed while fitting (weight normalisation done once)
         ctx.frozen = m.decoder.frozen_weights()
         return ctx
@@ -213,6 +216,8 @@ class NeuralFace(FaceModel):
             return self.model.decode_context(ctx, z_id, z_exp)
         codes = torch.cat([z_id, z_exp], 1)
         d = self.model.decoder.forward_codes(codes[:, None, :], ctx.pre, weights=frozen)
+        if ctx.lin is not None:
+            d = d + torch.einsum("ncd,bd->bnc", ctx.lin.to(codes.dtype), codes)
         return d + ctx.avg.to(d.dtype)
 
     def jacobian(self, ctx, z_id, z_exp):
@@ -220,6 +225,10 @@ class NeuralFace(FaceModel):
         with torch.no_grad():
             out, jac = self.model.decoder.forward_and_jacobian(codes, ctx.pre, chunk_size=self.jacobian_chunk,
                                                                weights=getattr(ctx, "frozen", None))
+            if ctx.lin is not None:  # the linear basis: its Jacobian is the basis itself
+                lin = ctx.lin.to(codes.dtype)
+                out = out + torch.einsum("ncd,bd->bnc", lin, codes)
+                jac = jac + lin
         return out + ctx.avg.to(out.dtype), jac
 
     def decode_release(self, ctx, z_id, z_exp):
@@ -233,8 +242,8 @@ class NeuralFace(FaceModel):
         if level == 0:
             return super().mesh(z_id, z_exp, 0)
         self._level(level)
-        uv, avg, faces = self.model.mesh_points(level)
-        n, p = len(z_id), len(uv)
+        pts, avg, faces = self.model.level_points(level)
+        n, p = len(z_id), len(pts)
         out = np.empty((n, p, 3))
         per_call = max(1, int(self.mesh_chunk_points))
         fb = max(1, per_call // p)  # faces per call
@@ -242,7 +251,9 @@ class NeuralFace(FaceModel):
         with torch.no_grad():
             for b0 in range(0, n, fb):
                 for p0 in range(0, p, fp):
-                    x = self.model.decode(uv[p0:p0 + fp], z_id[b0:b0 + fb], z_exp[b0:b0 + fb], avg=avg[p0:p0 + fp])
+                    part = pts.slice(p0, p0 + fp)
+                    x = self.model.decode(part.uv, z_id[b0:b0 + fb], z_exp[b0:b0 + fb], avg=avg[p0:p0 + fp],
+                                          pts=part)
                     out[b0:b0 + fb, p0:p0 + fp] = x.double().cpu().numpy()
         return out, faces.cpu().numpy()
 

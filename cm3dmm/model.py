@@ -5,6 +5,13 @@ DeepSDF-like decoder (``cm3dmm.nn``). It holds **no latent codes**: training own
 tables, fitting owns its fresh codes (STYLE.md); the model maps any batch of codes and any
 UVs to positions.
 
+With ``cfg.basis`` the field has a linear part: ``f(uv, z) = B(uv) z + r(uv, z)`` with ``B`` a
+per-vertex basis (V, 3, Di + De) evaluated at ``uv`` by the model's interpolation (training
+initialises it from the PCA of the training faces, ``cm3dmm.train``) and ``r`` the decoder, a
+nonlinear residual. ``cfg.interpolation = "smooth"`` evaluates ``avg`` and ``B`` between vertices
+with :class:`cm3dmm.nn.smooth.SmoothInterpolator` (exact at vertices, smooth in between, never
+across a slit of the UV layout) instead of barycentric interpolation.
+
     deformation(uv, z_id, z_exp) -> (B, N, 3)          the field f
     decode(uv, z_id, z_exp, avg=None) -> (B, N, 3)      avg(uv) + f
     precompute(uv) -> UVContext; decode_context(ctx, z_id, z_exp)   fitting: UV part once
@@ -44,18 +51,57 @@ FORMAT_VERSION = 1
 __all__ = ["ContinuousModel", "UVContext", "save_model", "load_model", "METHOD"]
 
 
+def _prune(idx: np.ndarray, w: np.ndarray, eps: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the entries of (index, weight) rows that are ~0 in every row (a vertex query keeps one
+    entry): rows sorted by |weight|, cut to the widest row's count of non-negligible weights."""
+    if idx.size == 0:
+        return idx, w
+    order = np.argsort(-np.abs(w), axis=1, kind="stable")
+    idx = np.take_along_axis(idx, order, 1)
+    w = np.take_along_axis(w, order, 1)
+    keep = max(1, int((np.abs(w) > eps).sum(1).max()))
+    return np.ascontiguousarray(idx[:, :keep]), np.ascontiguousarray(w[:, :keep])
+
+
+@dataclass
+class Points:
+    """Query points as a sparse linear map of per-vertex values (the model's interpolation).
+
+    uv: (N, 2); index: (N, W) int64 vertex ids; weight: (N, W) with
+    ``value(n) = sum_j weight[n, j] * per_vertex[index[n, j]]``.
+    """
+
+    uv: torch.Tensor
+    index: torch.Tensor
+    weight: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def slice(self, start: int, stop: int) -> "Points":
+        """The points ``start:stop``."""
+        return Points(self.uv[start:stop], self.index[start:stop], self.weight[start:stop])
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-vertex values (V, C) or (B, V, C) -> (N, C) / (B, N, C)."""
+        picked = values[..., self.index, :]  # (..., N, W, C)
+        return (picked * self.weight.to(values.dtype)[..., None]).sum(-2)
+
+
 @dataclass
 class UVContext:
     """The code-independent part of a decode at fixed UVs (reused by a fitter).
 
     uv: (N, 2); feats: (N, F) encoder features; pre: the decoder's per-layer UV
-    contributions (``Decoder.precompute_uv``); avg: (N, 3) average-face positions (mm).
+    contributions (``Decoder.precompute_uv``); avg: (N, 3) average-face positions (mm);
+    lin: (N, 3, Di + De) the linear basis at the points (None without ``cfg.basis``).
     """
 
     uv: torch.Tensor
     feats: torch.Tensor
     pre: Any
     avg: torch.Tensor
+    lin: torch.Tensor | None = None
 
     @property
     def n_points(self) -> int:
@@ -87,6 +133,15 @@ class ContinuousModel(nn.Module):
         self.register_buffer("uv", uv)
         self.encoder = make_encoder(cfg.encoder, device)
         self.decoder = Decoder(cfg.decoder, code_dim=cfg.id_dim + cfg.exp_dim, uv_dim=self.encoder.out_dim)
+        if cfg.interpolation not in ("linear", "smooth"):
+            raise ValueError(f"interpolation must be 'linear' or 'smooth', got {cfg.interpolation!r}")
+        self._smooth = None
+        if cfg.interpolation == "smooth":
+            from cm3dmm.nn.smooth import SmoothInterpolator
+
+            self._smooth = SmoothInterpolator(np.asarray(template.uv), np.asarray(template.faces))
+        #: (V, 3, Di + De) the linear basis (zero until training initialises it), or None
+        self.basis = nn.Parameter(torch.zeros(mean.shape[0], 3, cfg.id_dim + cfg.exp_dim)) if cfg.basis else None
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -121,15 +176,64 @@ class ContinuousModel(nn.Module):
                              f"{self.id_dim} + {self.exp_dim}")
         return torch.cat([z_id, z_exp], dim=1)
 
+    @property
+    def smooth(self) -> bool:
+        """True when per-vertex quantities are interpolated smoothly (``cfg.interpolation``)."""
+        return self._smooth is not None
+
+    def points_at(self, tri, bary, uv: torch.Tensor | None = None) -> Points:
+        """:class:`Points` of template points given as triangle ids (N,) + barycentrics (N, 3)."""
+        tri = np.asarray(tri.cpu() if hasattr(tri, "cpu") else tri, np.int64)
+        bary = np.asarray(bary.detach().cpu() if hasattr(bary, "detach") else bary, np.float64)
+        faces = np.asarray(self._template.faces, np.int64)
+        uv_np = None if uv is None else uv.detach().reshape(-1, 2).cpu().numpy().astype(np.float64)
+        if self._smooth is not None:
+            idx, w = self._smooth.weights(tri, bary, uv_np)
+        else:
+            idx, w = faces[tri], bary
+        idx, w = _prune(idx, w)
+        if uv is None:
+            uv = torch.as_tensor(np.einsum("pk,pkc->pc", bary, np.asarray(self._template.uv, np.float64)[faces[tri]]),
+                                 dtype=self.mean.dtype, device=self.mean.device)
+        dev = uv.device
+        return Points(uv=uv, index=torch.as_tensor(idx, device=dev),
+                      weight=torch.as_tensor(w, dtype=self.mean.dtype, device=dev))
+
+    def points(self, uv: torch.Tensor) -> Points:
+        """:class:`Points` of arbitrary UVs (N, 2), located on the template's UV chart (points
+        outside the chart take the nearest chart position, the template's rule)."""
+        if uv.ndim != 2 or uv.shape[1] != 2:
+            raise ValueError(f"uv must have shape (N, 2), got {tuple(uv.shape)}")
+        tri, bary, _ = self._template.locator.locate(uv.detach().cpu().numpy().astype(np.float64))
+        return self.points_at(tri, bary, uv)
+
     def avg(self, uv: torch.Tensor) -> torch.Tensor:
         """Average-face positions at arbitrary UVs, through the template's point location.
 
         uv: (..., 2) in [0, 1]. Returns (..., 3) float32 on ``uv``'s device (mm).
         Points outside the UV chart take the nearest chart position (the template's rule).
         """
+        if self._smooth is not None:
+            pts = self.points(uv.reshape(-1, 2))
+            return pts.gather(self.mean).to(uv.dtype).reshape(*uv.shape[:-1], 3)
         flat = uv.detach().reshape(-1, 2).cpu().numpy().astype(np.float64)
         a = np.asarray(self._template.avg(flat), dtype=np.float32)
         return torch.as_tensor(a, device=uv.device).reshape(*uv.shape[:-1], 3)
+
+    def linear_part(self, pts: Points, codes: torch.Tensor, per_face: bool = False) -> torch.Tensor:
+        """``B(uv) z`` for codes (B, Di + De) -> (B, N, 3).
+
+        ``pts``: N points shared by all codes, or (``per_face``) B x N points, flattened face-major
+        (the points of face b are rows ``b * N .. (b + 1) * N - 1``).
+        """
+        per_vertex = torch.einsum("vcd,bd->bvc", self.basis, codes)  # (B, V, 3)
+        if not per_face:
+            return pts.gather(per_vertex)
+        b = codes.shape[0]
+        idx = pts.index.reshape(b, -1, pts.index.shape[-1])  # (B, N, W)
+        w = pts.weight.reshape(b, -1, pts.weight.shape[-1]).to(codes.dtype)
+        rows = torch.arange(b, device=codes.device)[:, None, None]
+        return (per_vertex[rows, idx] * w[..., None]).sum(-2)
 
     def points_from_bary(self, tri: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
         """Average-face positions of points given as (template triangle, barycentrics).
@@ -140,31 +244,68 @@ class ContinuousModel(nn.Module):
         return (corners * bary.to(self.mean.dtype)[..., None]).sum(dim=1)
 
     # ------------------------------------------------------------------ the field
-    def deformation(self, uv: torch.Tensor, z_id: torch.Tensor, z_exp: torch.Tensor) -> torch.Tensor:
+    def _points_for(self, uv: torch.Tensor, pts: Points | None) -> Points:
+        return pts if pts is not None else self.points(uv.reshape(-1, 2))
+
+    def deformation(self, uv: torch.Tensor, z_id: torch.Tensor, z_exp: torch.Tensor,
+                    pts: Points | None = None) -> torch.Tensor:
         """The field f: displacement from the average face.
 
-        uv: (N, 2) shared by all codes, or (B, N, 2) per code; z_id: (B, Di); z_exp: (B, De).
-        Returns (B, N, 3) mm.
+        uv: (N, 2) shared by all codes, or (B, N, 2) per code; z_id: (B, Di); z_exp: (B, De);
+        pts: the points' :class:`Points` (located from ``uv`` when None; only a model with a
+        linear basis needs them; for (B, N, 2) uv, flattened face-major). Returns (B, N, 3) mm.
         """
         codes = self._codes(z_id, z_exp)
         b = codes.shape[0]
         if not (uv.ndim == 2 and uv.shape[1] == 2) and not (uv.ndim == 3 and uv.shape[0] == b
                                                             and uv.shape[2] == 2):
             raise ValueError(f"uv must have shape (N, 2) or ({b}, N, 2), got {tuple(uv.shape)}")
-        feats = self.encoder(uv)  # (N, F) or (B, N, F)
-        # the decoder broadcasts: the code block of each layer is evaluated once per code
-        return self.decoder(codes[:, None, :], feats)  # (B, N, 3)
+        if self.smooth:  # the residual is anchored on the template's vertices, like avg and B
+            pts = self._points_for(uv, pts)
+            d = self.residual_part(pts, codes, per_face=uv.ndim == 3)
+        else:
+            feats = self.encoder(uv)  # (N, F) or (B, N, F)
+            # the decoder broadcasts: the code block of each layer is evaluated once per code
+            d = self.decoder(codes[:, None, :], feats)  # (B, N, 3)
+        if self.basis is not None:
+            d = d + self.linear_part(self._points_for(uv, pts), codes, per_face=uv.ndim == 3).to(d.dtype)
+        return d
+
+    def residual_part(self, pts: Points, codes: torch.Tensor, per_face: bool = False) -> torch.Tensor:
+        """The decoder's output at the template vertices of ``pts``, interpolated with their weights
+        (the smooth model's residual ``r``): codes (B, D) -> (B, N, 3). ``pts`` as in
+        :meth:`linear_part`. Evaluates the decoder at every template vertex when the points need
+        more vertex values than that (meshes), else only at the vertices they name."""
+        b = codes.shape[0]
+        idx, w = pts.index, pts.weight
+        if per_face:
+            idx = idx.reshape(b, -1, idx.shape[-1])
+            w = w.reshape(b, -1, w.shape[-1])
+        w = w.to(codes.dtype)
+        per_face_entries = idx.shape[-2] * idx.shape[-1]
+        if per_face_entries >= self.n_vertices:
+            r_all = self.decoder(codes[:, None, :], self.encoder(self.uv))  # (B, V, 3)
+            if per_face:
+                rows = torch.arange(b, device=codes.device)[:, None, None]
+                return (r_all[rows, idx] * w[..., None]).sum(-2)
+            return (r_all[:, idx] * w[..., None]).sum(-2)
+        feats = self.encoder(self.uv[idx.reshape(-1)]).reshape(*idx.shape, -1)  # (..., N, W, F)
+        c = codes[:, None, None, :]  # (B, 1, 1, D) against (N, W, F) or (B, N, W, F)
+        r = self.decoder(c, feats)  # (B, N, W, 3)
+        return (r * w[..., None]).sum(-2)
 
     def decode(self, uv: torch.Tensor, z_id: torch.Tensor, z_exp: torch.Tensor,
-               avg: torch.Tensor | None = None) -> torch.Tensor:
+               avg: torch.Tensor | None = None, pts: Points | None = None) -> torch.Tensor:
         """Positions ``avg(uv) + deformation``.
 
         uv: (N, 2) or (B, N, 2); avg: matching (N, 3) or (B, N, 3), looked up through the template
-        when None. Returns (B, N, 3) mm.
+        (the model's interpolation) when None; pts: see :meth:`deformation`. Returns (B, N, 3) mm.
         """
-        d = self.deformation(uv, z_id, z_exp)
+        if (self.basis is not None or (avg is None and self.smooth)) and pts is None:
+            pts = self.points(uv.reshape(-1, 2))
+        d = self.deformation(uv, z_id, z_exp, pts=pts)
         if avg is None:
-            avg = self.avg(uv)
+            avg = pts.gather(self.mean).reshape(*uv.shape[:-1], 3) if self.smooth else self.avg(uv)
         if avg.shape[-2:] != d.shape[-2:]:
             raise ValueError(f"avg must have shape (..., {d.shape[1]}, 3), got {tuple(avg.shape)}")
         return d + avg.to(d.dtype)
@@ -172,25 +313,38 @@ class ContinuousModel(nn.Module):
     forward = decode
 
     # ------------------------------------------------------------------ fitting support
-    def precompute(self, uv: torch.Tensor, avg: torch.Tensor | None = None) -> UVContext:
-        """Encoder features, the decoder's UV contributions and avg at fixed ``uv`` (N, 2)."""
+    def precompute(self, uv: torch.Tensor, avg: torch.Tensor | None = None, pts: Points | None = None) -> UVContext:
+        """Encoder features, the decoder's UV contributions, avg and the linear basis at fixed
+        ``uv`` (N, 2)."""
         if uv.ndim != 2 or uv.shape[1] != 2:
             raise ValueError(f"uv must have shape (N, 2), got {tuple(uv.shape)}")
         feats = self.encoder(uv)
         pre = self.decoder.precompute_uv(feats)
+        if (self.basis is not None or self.smooth) and pts is None:
+            pts = self.points(uv)
+        if self.smooth and pts.index.shape[1] > 1:
+            raise ValueError("a smooth model's fitting context must be at template vertices (its residual is "
+                             "anchored there); fit at vertices and interpolate with mesh()/decode()")
         if avg is None:
-            avg = self.avg(uv)
-        return UVContext(uv=uv, feats=feats, pre=pre, avg=avg)
+            avg = pts.gather(self.mean) if self.smooth else self.avg(uv)
+        lin = None
+        if self.basis is not None:
+            v, _, k = self.basis.shape
+            lin = pts.gather(self.basis.reshape(v, 3 * k)).reshape(-1, 3, k)
+        return UVContext(uv=uv, feats=feats, pre=pre, avg=avg, lin=lin)
 
     def decode_context(self, ctx: UVContext, z_id: torch.Tensor, z_exp: torch.Tensor) -> torch.Tensor:
         """Same as ``decode(ctx.uv, z_id, z_exp, ctx.avg)`` with the UV part reused. (B, N, 3)."""
         codes = self._codes(z_id, z_exp)
         d = self.decoder.forward_codes(codes[:, None, :], ctx.pre)
+        if ctx.lin is not None:
+            d = d + torch.einsum("ncd,bd->bnc", ctx.lin.to(codes.dtype), codes)
         return d + ctx.avg.to(d.dtype)
 
     # ------------------------------------------------------------------ meshes
-    def mesh_points(self, level: int = 0, grid: int | None = None):
-        """The (uv (P, 2), avg (P, 3), faces (T, 3)) of an upsampling level or a UV grid."""
+    def level_points(self, level: int = 0, grid: int | None = None) -> tuple[Points, torch.Tensor, torch.Tensor]:
+        """The :class:`Points` (P), average face (P, 3) and triangles (T, 3) of an upsampling
+        level or a uniform UV grid of density ``grid``."""
         if grid is not None:
             from cm3dmm.upsample import uv_grid
 
@@ -202,11 +356,14 @@ class ContinuousModel(nn.Module):
             lvl = levels[int(level)]
         dev = self.mean.device
         uv = torch.as_tensor(np.asarray(lvl.uv), dtype=torch.float32, device=dev)
-        tri = torch.as_tensor(np.asarray(lvl.tri).astype(np.int64), device=dev)
-        bary = torch.as_tensor(np.asarray(lvl.bary), dtype=torch.float32, device=dev)
-        avg = self.points_from_bary(tri, bary)
+        pts = self.points_at(np.asarray(lvl.tri), np.asarray(lvl.bary), uv)
         faces = torch.as_tensor(np.asarray(lvl.faces).astype(np.int64), device=dev)
-        return uv, avg, faces
+        return pts, pts.gather(self.mean), faces
+
+    def mesh_points(self, level: int = 0, grid: int | None = None):
+        """The (uv (P, 2), avg (P, 3), faces (T, 3)) of an upsampling level or a UV grid."""
+        pts, avg, faces = self.level_points(level, grid)
+        return pts.uv, avg, faces
 
     def mesh(self, z_id: torch.Tensor, z_exp: torch.Tensor, level: int = 0,
              grid: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,8 +372,8 @@ class ContinuousModel(nn.Module):
         z_id: (B, Di); z_exp: (B, De). Returns vertices (B, P, 3) mm and faces (T, 3) int64,
         P the level's (grid's) point count.
         """
-        uv, avg, faces = self.mesh_points(level, grid)
-        return self.decode(uv, z_id, z_exp, avg=avg), faces
+        pts, avg, faces = self.level_points(level, grid)
+        return self.decode(pts.uv, z_id, z_exp, avg=avg, pts=pts), faces
 
 
 # ---------------------------------------------------------------------------- template <-> file

@@ -21,20 +21,26 @@ PAPER = {
               "code_mode": "per-face", "continuous": "scan"},
 }
 
-#: The CPU default (chosen by measurement, see benchmarks/README.md).
+#: The CPU default (chosen by measurement, see benchmarks/README.md, "The continuous model").
 CPU = {
     "model": {
         "id_dim": 64,
         "exp_dim": 64,
+        # f(uv, z) = B(uv) z + r(uv, z): a linear basis started from the PCA of the training faces,
+        # interpolated smoothly between vertices, plus a small nonlinear residual network
+        "basis": True,
+        "interpolation": "smooth",
         "encoder": {"backend": "dense", "n_levels": 8, "n_features": 4, "base_resolution": 4,
                     "finest_resolution": 128},
         "decoder": {"widths": [256, 128, 64]},
     },
     # many faces with few points per step: codes are visited often (auto-decoders converge per face
-    # visit); one identity code per subject; codes on a larger scale than the release's 0.01.
-    # Measured on the default anny run (benchmarks/README.md, "Training").
-    "train": {"batch_faces": 64, "vertex_points": 200, "continuous_points": 100, "lr": 3e-3,
-              "code_lr": 1e-2, "code_std": 0.3, "code_mode": "per-subject"},
+    # visit); one identity code per subject; whitened codes (unit variance, from the PCA start), so no
+    # code priors or embedding losses; vertex samples only (the registered meshes carry no information
+    # between their vertices, and barycentric targets there would teach piecewise-linear faces).
+    "train": {"batch_faces": 64, "vertex_points": 300, "continuous_points": 0, "lr": 1e-3,
+              "code_lr": 1e-3, "basis_lr": 1e-4, "code_std": 1.0, "reg_weight": 0.0, "prior_weight": 0.0,
+              "code_mode": "per-face"},
 }
 
 PRESETS = {"paper": PAPER, "cpu": CPU}

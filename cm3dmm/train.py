@@ -245,7 +245,52 @@ class CodeTables(nn.Module):
     def forward(self, uv, avg, id_rows, exp_rows):
         z_id = self.id_codes(id_rows)
         z_exp = self.exp_codes(exp_rows)
-        return self.model.decode(uv, z_id, z_exp, avg=avg), z_id, z_exp
+        # a smooth model interpolates its own average face (the cache stores the barycentric one)
+        return self.model.decode(uv, z_id, z_exp, avg=None if self.model.smooth else avg), z_id, z_exp
+
+
+def face_vertices(data: "TrainData") -> np.ndarray:
+    """Every training face's vertices in template order, (n, V, 3) float32 (from the cache)."""
+    cache = data.cache
+    if hasattr(cache, "target"):  # cm3dmm.subset.VertexSubsetCache: kept vertices, template order
+        return np.asarray(cache.target, np.float32)[data.faces]
+    n_v = int(cache.n_vertices)
+    out = np.empty((data.n, n_v, 3), np.float32)
+    for a in range(0, data.n, 256):
+        idx = data.faces[a:a + 256]
+        batch = cache.read(idx, n_v, 0, offset=0)
+        for k, s in enumerate(idx):
+            out[a + k, cache.vertex_order(int(s))] = batch["target"][k]
+    return out
+
+
+def init_linear_basis(net: CodeTables, data: "TrainData", template) -> dict:
+    """Start the model's linear basis and the code tables from the PCA of the training faces
+    (:func:`cm3dmm.pca_init.pca_basis_init`); returns facts for the log and the model file."""
+    from cm3dmm.pca_init import pca_basis_init
+
+    model = net.model
+    init = pca_basis_init(face_vertices(data), np.asarray(template.faces), np.asarray(template.mean),
+                          data.id_row, model.id_dim, model.exp_dim)
+    with torch.no_grad():
+        dev = model.basis.device
+        model.basis.copy_(torch.as_tensor(init.basis, dtype=model.basis.dtype, device=dev))
+        ids = torch.as_tensor(init.z_id, dtype=torch.float64)
+        rows = torch.as_tensor(data.id_row)
+        sums = torch.zeros(data.n_id_codes, model.id_dim, dtype=torch.float64).index_add_(0, rows, ids)
+        counts = torch.bincount(rows, minlength=data.n_id_codes).clamp_min(1).to(torch.float64)
+        net.id_codes.weight.copy_((sums / counts[:, None]).to(net.id_codes.weight))
+        exp = torch.zeros(data.n_exp_codes, model.exp_dim, dtype=torch.float64)
+        exp[torch.as_tensor(data.exp_row)] = torch.as_tensor(init.z_exp)
+        net.exp_codes.weight.copy_(exp.to(net.exp_codes.weight))
+    used = np.isfinite(init.within)
+    facts = {"pca_dim": init.pca_dim, "mean_offset_mm": init.mean_offset,
+             "id_within_fraction": float(np.nanmean(init.within[:model.id_dim])) if used[:model.id_dim].any() else None,
+             "exp_within_fraction": float(np.nanmean(init.within[model.id_dim:])) if used[model.id_dim:].any() else None}
+    log.info("linear basis from the PCA of %d training faces: %d directions (identity block within-subject "
+             "variance %s, expression block %s)", data.n, init.pca_dim, facts["id_within_fraction"],
+             facts["exp_within_fraction"])
+    return facts
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -546,9 +591,17 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
         model.decoder.out.reset_parameters()
         paper_pairs = release_pairs(data.subject_label, data.expression_label, data.id_row, data.exp_row)
     net = CodeTables(model, data.n_id_codes, data.n_exp_codes, tc.code_std, gen).to(device)
+    if model.basis is not None:
+        init_linear_basis(net, data, template)  # replaced by the checkpoint's state when resuming
     code_params = list(net.id_codes.parameters()) + list(net.exp_codes.parameters())
-    opt = torch.optim.Adam([{"params": list(net.model.parameters()), "lr": tc.lr},
-                            {"params": code_params, "lr": tc.code_lr}])
+    groups = [{"params": [p for n, p in net.model.named_parameters() if n != "basis"], "lr": tc.lr},
+              {"params": code_params, "lr": tc.code_lr}]
+    if model.basis is not None:
+        if tc.basis_lr > 0:
+            groups.append({"params": [model.basis], "lr": tc.basis_lr})
+        else:
+            model.basis.requires_grad_(False)
+    opt = torch.optim.Adam(groups)
     milestones = sorted({max(1, int(round(f * tc.steps))) for f in tc.lr_milestones if 0 < f < 1})
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=tc.lr_gamma)
 
@@ -602,6 +655,11 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
             _prune_best(ckpt_dir, keep=best["step"])
             _write_log(progress_log(paths.train_log(method)), rows)
 
+    if start == 0 and model.basis is not None and dist.main:
+        # the closed-form start is a candidate model: training keeps it unless it validates better
+        best = {"step": 0, "val": _validate(net, data, val_pos, device)}
+        _save_torch(_best_path(ckpt_dir, 0), {"step": 0, "val": best["val"], "net": net.state_dict()})
+        log.info("step 0 (PCA start): validation %.4f mm", best["val"])
     bar = _progress(tc.steps, start, dist)
     done = start
     try:
