@@ -4,7 +4,6 @@ the `sample` / `mesh` commands and the notebook example, on models trained by th
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
