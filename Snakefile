@@ -16,6 +16,11 @@ min_version("8.0")
 configfile: "config/config.yaml"
 
 
+# the rules run the cm3dmm found first on PATH (workflow/rules/common.smk)
+envvars:
+    "PATH",
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/template.smk"
@@ -31,6 +36,6 @@ report: "workflow/report/workflow.rst"
 
 
 rule all:
+    default_target: True
     input:
         final_outputs,
-    default_target: True

@@ -7,6 +7,7 @@
     results/{run}/fits/{method}/{subject}.npz, {subject}.json, {subject}.png
     results/{run}/tables/*.csv|md|tex|html, protocol.md, protocol.html
     results/{run}/figures/*.png
+    results/{run}/logs/{rule}.log, logs/{rule}/{wildcards}.log
 """
 
 from __future__ import annotations
@@ -127,3 +128,10 @@ class RunPaths:
 
     def figure(self, name: str) -> Path:
         return self.figures_dir / f"{name}.png"
+
+    # workflow logs (each rule's output, also shown on the terminal)
+    def log(self, rule: str, *wildcards: str) -> Path:
+        """``logs/{rule}.log``, or ``logs/{rule}/{w1}_{w2}.log`` for a rule with wildcards."""
+        if not wildcards:
+            return self.root / "logs" / f"{rule}.log"
+        return self.root / "logs" / rule / ("_".join(wildcards) + ".log")

@@ -127,6 +127,27 @@ def test_config_subset_takes_sections_and_single_keys():
     assert part == {"fit": values["fit"], "cache": {"seed": 0}, "model": {"id_dim": 64}}
 
 
+# ----------------------------------------------------------------------------- conventions
+def _rule_files() -> list[str]:
+    return [str(REPO / "Snakefile"), *sorted(str(p) for p in (REPO / "workflow" / "rules").glob("*.smk"))]
+
+
+def test_rules_are_formatted_with_snakefmt():
+    exe = Path(sys.executable).with_name("snakefmt")
+    if not exe.exists():
+        pytest.skip("snakefmt is not installed (pip install -e '.[test]')")
+    proc = subprocess.run([str(exe), "--check", *_rule_files()], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, "run `snakefmt Snakefile workflow/`:\n" + (proc.stdout + proc.stderr)[-3000:]
+
+
+def test_snakemake_lint_is_clean(tmp_path):
+    exe = str(Path(sys.executable).with_name("snakemake"))
+    proc = subprocess.run([exe, "--lint", "--configfile", "config/test.yaml", "--config", f"results={tmp_path}"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Congratulations, your workflow is in a good condition!" in out, out[-4000:]
+
+
 # ----------------------------------------------------------------------------- rerun plans
 def _snakemake(work: Path, *args: str, timeout: int = 600) -> str:
     exe = str(Path(sys.executable).with_name("snakemake"))

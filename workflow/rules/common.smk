@@ -1,8 +1,9 @@
 # Shared definitions: the validated config, the run folder, the CLI call, each rule's config part,
 # target lists.
 import json
-import shlex
+import os
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import update_config, validate
@@ -28,21 +29,40 @@ except WorkflowError as _exc:
     _err = _exc.__cause__ or _exc.__context__  # jsonschema's ValidationError
     _err = _err if hasattr(_err, "absolute_path") else None
     _key = ".".join(map(str, _err.absolute_path)) if _err is not None else "config"
-    sys.exit(f"cm3dmm: config error: {_key}: {_err.message if _err is not None else _exc} "
-             "(workflow/schemas/config.schema.yaml disagrees with cm3dmm/config.py)")
+    sys.exit(
+        f"cm3dmm: config error: {_key}: {_err.message if _err is not None else _exc} "
+        "(workflow/schemas/config.schema.yaml disagrees with cm3dmm/config.py)"
+    )
 
 RUN = str(CFG.run_dir)
 P = RunPaths.of(RUN)
-# The CLI gets the whole validated config (model files record it), but each rule's `params` hold
-# only the part of it the rule's stage reads (`stage_config`), so that Snakemake's params rerun
-# trigger reruns exactly the stages an edit reaches: a `fit.*` edit reruns the fits and what reads
-# them, not the data, template, cache and training. A stage that starts reading another part of
-# the config must name it in its rule's `stage_config(...)` (tests/test_workflow_dag.py checks
-# the plan of an edit to every section).
-CFG_ARG = shlex.quote(json.dumps(_CFG_DICT, sort_keys=True))
-# The package's CLI run by the interpreter that runs Snakemake, so the rules work whether or not
-# the environment's bin/ folder is on PATH (e.g. `.venv/bin/snakemake` from the Makefile).
-CLI = f"{shlex.quote(sys.executable)} -m cm3dmm"
+
+
+class Unrecorded:
+    """A rule parameter handed to the shell command but not recorded by Snakemake's params rerun
+    trigger (which records values of built-in types only)."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __str__(self):
+        return self.text
+
+
+# Each rule's `params.cfg` holds only the part of the config its stage reads (`stage_config`), so
+# that Snakemake's params trigger reruns exactly the stages an edit reaches: a `fit.*` edit reruns
+# the fits and what reads them, not the data, template, cache and training. A stage that starts
+# reading another part of the config must name it in its rule's `stage_config(...)`
+# (tests/test_workflow_dag.py checks the plan of an edit to every section). The CLI still gets the
+# whole validated config (`params.config`, not a trigger): checks across sections and the record
+# in model files need it.
+WHOLE_CONFIG = Unrecorded(json.dumps(_CFG_DICT, sort_keys=True))
+# Rules run `python3 -m cm3dmm`: first on PATH is the environment that runs Snakemake (also when
+# its bin/ folder is not on PATH, e.g. `.venv/bin/snakemake` from the Makefile), or, with
+# `--software-deployment-method conda`, the rules' conda environment (the repository's
+# environment.yml, which installs this checkout).
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+CONDA_ENV = "../../environment.yml"
 # Threads of the rules that use the whole machine. Not `workflow.cores`: that raises when no
 # --cores is given, which breaks `snakemake --report` (it builds the DAG without cores).
 ALL_CORES = workflow.resource_settings.cores or 1
@@ -85,3 +105,51 @@ def final_outputs(wildcards=None):
     if CFG.evaluate.figures:
         out += [str(P.figure(name)) for name in FIGURES]
     return out
+
+
+# --------------------------------------------------------------------------- rule inputs / outputs
+def prepare_outputs():
+    """The prepare_data checkpoint's outputs (the preview when data.preview)."""
+    out = {
+        "registered": str(P.registered),
+        "check": report(str(P.check), category="1. Data", caption="../report/check.rst"),
+    }
+    if CFG.data.preview:
+        out["preview"] = report(str(P.preview), category="1. Data", caption="../report/preview.rst")
+    return out
+
+
+def table_outputs():
+    """The evaluate rule's outputs: every table as csv / md / tex / html (the html in the report)."""
+    from cm3dmm.paths import TABLES
+
+    out = {}
+    for name in TABLES:
+        for fmt in ("csv", "md", "tex"):
+            out[f"{name}_{fmt}"] = str(P.table(name, fmt))
+        out[f"{name}_html"] = report(
+            str(P.table(name, "html")),
+            category="5. Tables",
+            caption=f"../report/table_{name}.rst",
+            labels={"table": name},
+        )
+    out["protocol"] = str(P.protocol)
+    out["protocol_html"] = report(
+        str(P.protocol.with_suffix(".html")),
+        category="5. Tables",
+        caption="../report/protocol.rst",
+        labels={"table": "protocol"},
+    )
+    out["facts"] = str(P.tables_dir / "facts.json")
+    return out
+
+
+def release_inputs(wildcards=None):
+    """The import_release rule's inputs: the release's files named in the config."""
+    rc = CFG.release
+    if not rc.checkpoint or not rc.predefined:
+        raise ValueError(
+            "import_release: set release.checkpoint and release.predefined (the release's "
+            "checkpoint file and its predefined_model_data/ folder)"
+        )
+    return {"checkpoint": rc.checkpoint, "predefined": rc.predefined}

@@ -1,10 +1,16 @@
+# Data check + normalise: the configured source -> data/registered.h5 (+ check.json, preview.png).
+# A checkpoint: the fit jobs are one per test subject, read from registered.h5 once it exists.
+
+
 checkpoint prepare_data:
     output:
-        registered=str(P.registered),
-        check=report(str(P.check), category="1. Data", caption="../report/check.rst"),
-        **({"preview": report(str(P.preview), category="1. Data", caption="../report/preview.rst")}
-           if CFG.data.preview else {}),
+        **prepare_outputs(),
+    log:
+        str(P.log("prepare_data")),
+    conda:
+        CONDA_ENV
     params:
         cfg=stage_config("data"),
+        config=WHOLE_CONFIG,
     shell:
-        "{CLI} prepare --config-json {CFG_ARG}"
+        "python3 -m cm3dmm prepare --config-json {params.config:q} 2>&1 | tee {log:q}"

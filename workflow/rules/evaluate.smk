@@ -15,9 +15,7 @@ from cm3dmm.train import extra_model_dims, size_method
 UPSAMPLING_METHODS = [fraction_method(f) for f in CFG.evaluate.upsampling_fractions]
 UPSAMPLING_MODELS = [str(P.model(m)) for m in UPSAMPLING_METHODS]
 SIZE_MODELS = [str(P.model(size_method(d))) for d in extra_model_dims(CFG)]
-# captions: workflow/report/table_{name}.rst and fig_{name}.rst
-_TABLE_CATEGORY = "5. Tables"
-_FIGURE_CATEGORY = "6. Figures"
+# captions: workflow/report/table_{name}.rst and fig_{name}.rst; the tables' outputs: table_outputs()
 
 
 rule train_upsampling:
@@ -28,14 +26,20 @@ rule train_upsampling:
         model=str(P.model("cm3dmm_frac{frac}")),
         log=str(P.train_log("cm3dmm_frac{frac}")),
         loss=str(P.loss_png("cm3dmm_frac{frac}")),
+    log:
+        str(P.log("train_upsampling", "{frac}")),
     wildcard_constraints:
         frac=r"[0-9.]+",
+    priority: 10  # the longest side jobs start before the fits
+    conda:
+        CONDA_ENV
+    threads: 1  # small models: several fractions run side by side
     params:
         cfg=stage_config("model", "train", "cache.seed", "evaluate.upsampling_steps"),
-    threads: 1  # small models: several fractions (or the main training) run side by side
+        config=WHOLE_CONFIG,
     shell:
-        "{CLI} train-upsampling --config-json {CFG_ARG} --set train.threads={threads} "
-        "--fraction {wildcards.frac:q}"
+        "python3 -m cm3dmm train-upsampling --config-json {params.config:q} --set train.threads={threads} "
+        "--fraction {wildcards.frac:q} 2>&1 | tee {log:q}"
 
 
 rule train_size:
@@ -46,27 +50,19 @@ rule train_size:
         model=str(P.model("cm3dmm_dim{dim}")),
         log=str(P.train_log("cm3dmm_dim{dim}")),
         loss=str(P.loss_png("cm3dmm_dim{dim}")),
+    log:
+        str(P.log("train_size", "{dim}")),
     wildcard_constraints:
         dim=r"[0-9]+",
+    priority: 10
+    conda:
+        CONDA_ENV
+    threads: 1  # like the upsampling models: several run side by side
     params:
         cfg=stage_config("model", "train", "evaluate.model_dims_steps"),
-    threads: 1  # like the upsampling models: several run side by side
+        config=WHOLE_CONFIG,
     shell:
-        "{CLI} train-size --config-json {CFG_ARG} --set train.threads={threads} --dim {wildcards.dim:q}"
-
-
-def _table_outputs():
-    out = {}
-    for name in TABLES:
-        for fmt in ("csv", "md", "tex"):
-            out[f"{name}_{fmt}"] = str(P.table(name, fmt))
-        out[f"{name}_html"] = report(str(P.table(name, "html")), category=_TABLE_CATEGORY,
-                                     caption=f"../report/table_{name}.rst", labels={"table": name})
-    out["protocol"] = str(P.protocol)
-    out["protocol_html"] = report(str(P.protocol.with_suffix(".html")), category=_TABLE_CATEGORY,
-                                  caption="../report/protocol.rst", labels={"table": "protocol"})
-    out["facts"] = str(P.tables_dir / "facts.json")
-    return out
+        "python3 -m cm3dmm train-size --config-json {params.config:q} --set train.threads={threads} --dim {wildcards.dim:q} 2>&1 | tee {log:q}"
 
 
 rule evaluate:
@@ -78,12 +74,17 @@ rule evaluate:
         registered=str(P.registered),
         template=str(P.template),
     output:
-        **_table_outputs(),
+        **table_outputs(),
+    log:
+        str(P.log("evaluate")),
+    conda:
+        CONDA_ENV
+    threads: ALL_CORES
     params:
         cfg=stage_config("model", "train", "fit", "baselines", "evaluate"),
-    threads: ALL_CORES
+        config=WHOLE_CONFIG,
     shell:
-        "{CLI} evaluate --config-json {CFG_ARG} --set train.threads={threads}"
+        "python3 -m cm3dmm evaluate --config-json {params.config:q} --set train.threads={threads} 2>&1 | tee {log:q}"
 
 
 rule figures:
@@ -94,11 +95,22 @@ rule figures:
         logs=[str(P.train_log(m)) for m in ["cm3dmm"] + UPSAMPLING_METHODS],
         template=str(P.template),
     output:
-        **{name: report(str(P.figure(name)), category=_FIGURE_CATEGORY, caption=f"../report/fig_{name}.rst",
-                        labels={"figure": name})
-           for name in FIGURES},
+        **{
+            name: report(
+                str(P.figure(name)),
+                category="6. Figures",
+                caption=f"../report/fig_{name}.rst",
+                labels={"figure": name},
+            )
+            for name in FIGURES
+        },
+    log:
+        str(P.log("figures")),
+    conda:
+        CONDA_ENV
+    threads: 1
     params:
         cfg=stage_config("baselines.methods", "evaluate.seed"),
-    threads: 1
+        config=WHOLE_CONFIG,
     shell:
-        "{CLI} figures --config-json {CFG_ARG} --set train.threads={threads}"
+        "python3 -m cm3dmm figures --config-json {params.config:q} --set train.threads={threads} 2>&1 | tee {log:q}"

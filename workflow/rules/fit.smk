@@ -11,10 +11,15 @@ rule fit:
         npz=str(P.fit_npz("{method}", "{subject}")),
         json=str(P.fit_json("{method}", "{subject}")),
         png=str(P.fit_png("{method}", "{subject}")),
+    log:
+        str(P.log("fit", "{method}", "{subject}")),
     wildcard_constraints:
         method="cm3dmm|pca|bilinear",
+    conda:
+        CONDA_ENV
     threads: 1
     params:
         cfg=stage_config("fit"),
+        config=WHOLE_CONFIG,
     shell:
-        "{CLI} fit --config-json {CFG_ARG} --set train.threads={threads} --method {wildcards.method:q} --subject {wildcards.subject:q}"
+        "python3 -m cm3dmm fit --config-json {params.config:q} --set train.threads={threads} --method {wildcards.method:q} --subject {wildcards.subject:q} 2>&1 | tee {log:q}"

@@ -1,19 +1,9 @@
 # The paper release's public checkpoint as a normal model file (cm3dmm.release): not part of `all`;
 # ask for it by name with the release's files in the config, e.g.
 #   snakemake --cores 2 import_release --config \
-#       'release={"checkpoint": "/data/release/checkpoint.pth", "predefined": "/data/release/predefined_model_data"}'
+#       'release={"checkpoint": "release/checkpoint.pth", "predefined": "release/predefined_model_data"}'
 # then fit raw scans or registered meshes with it on a CPU:
 #   cm3dmm fit --model results/{run}/models/release/model.pt --scan scan.ply
-
-
-def release_inputs(wildcards=None):
-    rc = CFG.release
-    if not rc.checkpoint or not rc.predefined:
-        raise ValueError(
-            "rule import_release: set release.checkpoint and release.predefined (the release's "
-            "checkpoint file and its predefined_model_data/ folder)"
-        )
-    return {"checkpoint": rc.checkpoint, "predefined": rc.predefined}
 
 
 rule import_release:
@@ -21,9 +11,13 @@ rule import_release:
         unpack(release_inputs),
     output:
         model=str(P.model("release")),
+    log:
+        str(P.log("import_release")),
+    conda:
+        CONDA_ENV
     params:
-        cfg=json.dumps({"run": CFG.run, "results": CFG.results, "release": config_to_dict(CFG.release)},
-                       sort_keys=True),
+        cfg=stage_config("release"),
+        config=WHOLE_CONFIG,
     shell:
-        "{CLI} import-release --config-json {params.cfg:q} --checkpoint {input.checkpoint:q} "
-        "--predefined {input.predefined:q} --out {output.model:q}"
+        "python3 -m cm3dmm import-release --config-json {params.config:q} --checkpoint {input.checkpoint:q} "
+        "--predefined {input.predefined:q} --out {output.model:q} 2>&1 | tee {log:q}"

@@ -18,17 +18,21 @@ rule scan_fits:
         csv=str(P.table("scan_fits", "csv")),
         md=str(P.table("scan_fits", "md")),
         tex=str(P.table("scan_fits", "tex")),
-        html=report(str(P.table("scan_fits", "html")), category="5. Tables",
-                    caption="../report/table_scan_fits.rst", labels={"table": "scan_fits"}),
+        html=report(
+            str(P.table("scan_fits", "html")),
+            category="5. Tables",
+            caption="../report/table_scan_fits.rst",
+            labels={"table": "scan_fits"},
+        ),
         faces=str(P.tables_dir / "scan_fits_faces.csv"),
         protocol=str(P.tables_dir / "scan_fits_protocol.md"),
-    params:
-        cfg=stage_config("fit", "scan_fits", "baselines"),
-        config=WHOLE_CONFIG,
-    threads: 1  # beside the evaluate stage
     log:
         str(P.log("scan_fits")),
     conda:
         CONDA_ENV
+    threads: 1  # beside the evaluate stage
+    params:
+        cfg=stage_config("fit", "scan_fits", "baselines"),
+        config=WHOLE_CONFIG,
     shell:
         "python3 -m cm3dmm scan-fits --config-json {params.config:q} --set train.threads={threads} 2>&1 | tee {log:q}"

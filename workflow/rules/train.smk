@@ -6,14 +6,20 @@ rule train:
         model=str(P.model("cm3dmm")),
         log=str(P.train_log("cm3dmm")),
         loss=report(str(P.loss_png("cm3dmm")), category="3. Training", caption="../report/loss.rst"),
+    log:
+        str(P.log("train")),
+    # the critical path (every cm3dmm fit and the evaluation wait for it): scheduled before the
+    # single-thread side jobs (baselines, upsampling and size models, baseline fits); the cache
+    # before it holds all cores too, so that the cores are free when it can start
+    priority: 50
+    conda:
+        CONDA_ENV
+    threads: ALL_CORES
     params:
         cfg=stage_config("model", "train"),
-    threads: ALL_CORES
-    # the critical path (every cm3dmm fit and the evaluation wait for it): scheduled before the
-    # single-thread side jobs (baselines, upsampling and size models, baseline fits)
-    priority: 50
+        config=WHOLE_CONFIG,
     shell:
-        "{CLI} train --config-json {CFG_ARG} --set train.threads={threads}"
+        "python3 -m cm3dmm train --config-json {params.config:q} --set train.threads={threads} 2>&1 | tee {log:q}"
 
 
 rule train_baseline:
@@ -22,9 +28,14 @@ rule train_baseline:
         template=str(P.template),
     output:
         model=str(P.model_dir("{method}") / "model.pt"),
+    log:
+        str(P.log("train_baseline", "{method}")),
     wildcard_constraints:
         method="pca|bilinear",
+    conda:
+        CONDA_ENV
     params:
         cfg=stage_config("baselines", "model.id_dim", "model.exp_dim"),
+        config=WHOLE_CONFIG,
     shell:
-        "{CLI} train-baseline {wildcards.method:q} --config-json {CFG_ARG}"
+        "python3 -m cm3dmm train-baseline {wildcards.method:q} --config-json {params.config:q} 2>&1 | tee {log:q}"
