@@ -51,3 +51,12 @@ def os_error_cause(exc: BaseException) -> str | None:
     if isinstance(exc, (OSError, RuntimeError)) and ("write failed" in text or "unexpected pos" in text):
         return "the write failed"
     return None
+
+
+def is_unreadable(exc: BaseException) -> bool:
+    """True when ``exc`` says a file cannot be read at all (permissions, I/O error, a folder), as
+    opposed to a file that was read and is corrupt (libraries raise OSError(EINVAL) for those too)."""
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EIO, errno.EISDIR,
+                                                      errno.ENXIO, errno.ENODEV, errno.ELOOP)

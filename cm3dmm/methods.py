@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cm3dmm.errors import InputError
+from cm3dmm.errors import InputError, is_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +377,7 @@ def read_method_name(path: str | os.PathLike) -> str:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
-        if isinstance(exc, OSError) and exc.errno:  # unreadable (permissions, I/O error), not corrupt
+        if is_unreadable(exc):  # permissions, I/O error: not corrupt
             raise InputError(f"cannot read the model file ({exc.strerror})", path) from None
         raise InputError(f"model file is corrupt or not a cm3dmm model ({type(exc).__name__})", path) from None
     method = payload.get("method") if isinstance(payload, dict) else None

@@ -350,3 +350,15 @@ def test_open_h5_tells_a_folder_from_a_corrupt_file(tmp_path):
     (tmp_path / "bad.h5").write_bytes(b"\x89HDF" + bytes(100))
     with pytest.raises(InputError, match="corrupt or truncated"):
         open_h5(tmp_path / "bad.h5", "registered dataset")
+
+
+def test_is_unreadable_tells_permissions_from_corruption():
+    import errno
+
+    from cm3dmm.errors import is_unreadable
+
+    assert is_unreadable(PermissionError(errno.EACCES, "Permission denied"))
+    assert is_unreadable(IsADirectoryError(errno.EISDIR, "Is a directory"))
+    assert not is_unreadable(OSError(errno.EINVAL, "Invalid argument"))  # torch's truncated zip
+    assert not is_unreadable(OSError("Unable to synchronously open file (truncated file)"))
+    assert not is_unreadable(RuntimeError("x"))

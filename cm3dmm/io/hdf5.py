@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cm3dmm.errors import InputError, os_error_cause
+from cm3dmm.errors import InputError, is_unreadable, os_error_cause
 
 
 def open_h5(path: str | os.PathLike, what: str = "HDF5 file"):
@@ -24,8 +24,8 @@ def open_h5(path: str | os.PathLike, what: str = "HDF5 file"):
         return h5py.File(path, "r")
     except Exception as exc:  # h5py raises OSError with cryptic text for truncation
         cause = os_error_cause(exc)
-        if cause is not None:  # unreadable (permissions, I/O error), not corrupt
-            raise InputError(f"cannot read the {what} ({cause})", path) from None
+        if cause is not None and (is_unreadable(exc) or "errno = 13," in str(exc) or "errno = 5," in str(exc)):
+            raise InputError(f"cannot read the {what} ({cause})", path) from None  # not corrupt
         raise InputError(f"{what} is corrupt or truncated ({_short(exc)})", path) from None
 
 
