@@ -132,6 +132,8 @@ class ModelConfig:
     #: how per-vertex quantities (the average face, the basis) are evaluated between vertices:
     #: linear (barycentric) | smooth (partition of unity of local quadratic fits, cm3dmm.nn.smooth)
     interpolation: str = "linear"
+    #: smooth interpolation only: weight of the quadratic fits against barycentric (0..1)
+    smoothness: float = 0.5
 
 
 @dataclass
@@ -181,7 +183,7 @@ class FitConfig:
     damping: float = 1e-2  #: lm: initial Marquardt damping (carried over from stage to stage)
     units: str = "auto"  #: units of user scans: mm | cm | m | auto (the unit that makes it face-sized)
     scale: bool = False  #: estimate a scale in the rigid alignment of scans (else rigid only)
-    scan_points: int = 20000  #: scan points used for scan->model correspondences (random subset; 0 = all)
+    scan_points: int = 5000  #: scan points per alternation for scan->model correspondences (random subset; 0 = all)
     loss: str = "distance"  #: distance (mean point distance, the release's loss and the error metric) | squared
 
 
@@ -293,7 +295,7 @@ _POSITIVE = {
     "scan_fits.points",
 }
 _NONNEGATIVE = {
-    "template.levels", "train.basis_lr", "cache.n_heldout", "cache.scan_distance", "train.continuous_points",
+    "template.levels", "train.basis_lr", "model.smoothness", "cache.n_heldout", "cache.scan_distance", "train.continuous_points",
     "train.reg_weight", "train.prior_weight", "fit.prior_weight", "fit.tol", "fit.level",
     "fit.points", "fit.polish_iters", "fit.scan_points", "fit.coarse_points", "fit.coarse_iters", "fit.damping",
     "train.threads", "train.val_faces", "baselines.pca_dim", "evaluate.upsampling_steps", "data.preview_subjects",

@@ -139,7 +139,10 @@ class ContinuousModel(nn.Module):
         if cfg.interpolation == "smooth":
             from cm3dmm.nn.smooth import SmoothInterpolator
 
-            self._smooth = SmoothInterpolator(np.asarray(template.uv), np.asarray(template.faces))
+            if not 0.0 <= float(cfg.smoothness) <= 1.0:
+                raise ValueError(f"smoothness must be in [0, 1], got {cfg.smoothness}")
+            self._smooth = SmoothInterpolator(np.asarray(template.uv), np.asarray(template.faces),
+                                              smoothness=float(cfg.smoothness))
         #: (V, 3, Di + De) the linear basis (zero until training initialises it), or None
         self.basis = nn.Parameter(torch.zeros(mean.shape[0], 3, cfg.id_dim + cfg.exp_dim)) if cfg.basis else None
 

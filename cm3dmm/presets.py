@@ -11,6 +11,8 @@ PAPER = {
     "model": {
         "id_dim": 128,
         "exp_dim": 128,
+        "basis": False,  # the release's plain DeepSDF field: no linear basis inside it
+        "interpolation": "linear",  # avg(uv) by barycentric interpolation, as the release
         "encoder": {"backend": "seed-compatible", "n_levels": 16, "n_features": 32, "base_resolution": 4,
                     "finest_resolution": 128, "log2_table_size": 15},
         "decoder": {"widths": [512, 256, 256, 128, 32], "activation_scale": 3.0, "output_scale": 3.0,
@@ -30,16 +32,19 @@ CPU = {
         # interpolated smoothly between vertices, plus a small nonlinear residual network
         "basis": True,
         "interpolation": "smooth",
+        "smoothness": 0.5,
         "encoder": {"backend": "dense", "n_levels": 8, "n_features": 4, "base_resolution": 4,
                     "finest_resolution": 128},
         "decoder": {"widths": [256, 128, 64]},
     },
-    # many faces with few points per step: codes are visited often (auto-decoders converge per face
-    # visit); one identity code per subject; whitened codes (unit variance, from the PCA start), so no
-    # code priors or embedding losses; vertex samples only (the registered meshes carry no information
-    # between their vertices, and barycentric targets there would teach piecewise-linear faces).
+    # The basis stays at its PCA start (basis_lr 0: moving it fits the training faces more closely and
+    # generalises no better); the residual learns what PCA at this size misses. Many faces with few
+    # points per step; per-face codes (the training objective is the per-face fit's); whitened codes
+    # (unit variance, from the PCA start), so no code priors or embedding losses; vertex samples only
+    # (registered meshes carry no information between their vertices, and barycentric targets there
+    # would teach piecewise-linear faces).
     "train": {"batch_faces": 64, "vertex_points": 300, "continuous_points": 0, "lr": 1e-3,
-              "code_lr": 1e-3, "basis_lr": 1e-4, "code_std": 1.0, "reg_weight": 0.0, "prior_weight": 0.0,
+              "code_lr": 1e-3, "basis_lr": 0.0, "code_std": 1.0, "reg_weight": 0.0, "prior_weight": 0.0,
               "code_mode": "per-face"},
 }
 

@@ -647,13 +647,14 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
             raise StageError(f"training diverged: non-finite weights at step {step}; the last good "
                              f"checkpoint is kept ({last_path})")
         if dist.main:
+            # the progress log first: a checkpoint on disk always has its log beside it
+            _write_log(progress_log(paths.train_log(method)), rows)
             _save_torch(last_path, {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
                 "step": step, "net": net.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": _rng_state(), "best": dict(best), "rows": rows,
                 "elapsed": elapsed(), "acc": dict(acc)})
             _prune_best(ckpt_dir, keep=best["step"])
-            _write_log(progress_log(paths.train_log(method)), rows)
 
     if start == 0 and model.basis is not None and dist.main:
         # the closed-form start is a candidate model: training keeps it unless it validates better

@@ -55,6 +55,11 @@ def _row(df, **kw):
     return df[sel].iloc[0]
 
 
+def _stage_row(df, **kw):
+    """The row of the fit stage's files (the continuous model also has a row of the other code sharing)."""
+    return _row(df[df["Note"].str.startswith("fit stage")], **kw)
+
+
 def test_tables_and_protocol_written(tiny_run):
     cfg, paths, data, ev = tiny_run
     for name in TABLES:
@@ -77,7 +82,7 @@ def test_test_rows_equal_direct_metrics(tiny_run):
         z = np.load(paths.fit_npz(method, data.subjects("test")[0]))
         pred = z["vertices"].astype(np.float64)
         dim = int(z["z_id"].shape[1] + z["z_exp"].shape[1])
-        row = _row(rec, Split="test", Method=method, Dim=dim)
+        row = _stage_row(rec, Split="test", Method=method, Dim=dim)
         ve = metrics.vertex_error(pred, target)
         assert row["mean vertex error (mm)"] == pytest.approx(ve.mean_all, rel=1e-9)
         assert row["RMSE (mm)"] == pytest.approx(ve.rmse_all, rel=1e-9)
@@ -90,8 +95,31 @@ def test_test_rows_equal_direct_metrics(tiny_run):
         # baselines are piecewise linear on the template: the level-1 surface is the level-0 one
         if method != "cm3dmm":
             assert row["CD L1 (mm)"] == row["CD (mm)"]
-    cm = _row(rec, Split="test", Method="cm3dmm", Dim=6)
+    cm = _stage_row(rec, Split="test", Method="cm3dmm", Dim=6)
     assert np.isfinite(cm["CD L1 (mm)"]) and cm["CD L1 (mm)"] > 0
+
+
+def test_continuous_model_rows_per_face_and_per_subject(tiny_run):
+    """The continuous model is shown both ways: the fit stage's code sharing and the other one,
+    each equal to fitting the test faces directly in that mode, and labelled."""
+    import dataclasses
+
+    from cm3dmm.evaluate import FaceSet, _fit_faces
+    from cm3dmm.methods import load_method
+
+    cfg, paths, data, ev = tiny_run
+    rec = ev.tables["reconstruction"]
+    rows = rec[(rec["Split"] == "test") & (rec["Method"] == "cm3dmm") & (rec["Dim"] == 6)]
+    assert len(rows) == 2
+    other = "per-face" if cfg.fit.mode == "per-subject" else "per-subject"
+    label = {"per-face": "per-face codes", "per-subject": "shared identity per subject"}
+    assert list(rows["Note"]) == [f"fit stage ({label[cfg.fit.mode]})", f"fitted here ({label[other]})"]
+    fm = load_method(paths.model("cm3dmm"))
+    fs = FaceSet.of(data, data.subjects("test"))
+    pred = _fit_faces(fm, fs, dataclasses.replace(cfg.fit, mode=other))[2]
+    target = data.vertices[data.indices("test")].astype(np.float64)
+    assert rows.iloc[1]["mean vertex error (mm)"] == pytest.approx(metrics.vertex_error(pred, target).mean_all,
+                                                                   rel=1e-9)
 
 
 def test_level_chamfer_of_the_continuous_model(tiny_run):
@@ -107,7 +135,7 @@ def test_level_chamfer_of_the_continuous_model(tiny_run):
     target = data.vertices[data.indices("test")].astype(np.float64)
     cd = np.mean([metrics.surface_metrics(v[b], f, target[b], data.faces, n_points=150, seed=0).chamfer
                   for b in range(len(v))])
-    assert _row(ev.tables["reconstruction"], Split="test", Method="cm3dmm", Dim=6)["CD L1 (mm)"] == pytest.approx(cd, rel=1e-6)
+    assert _stage_row(ev.tables["reconstruction"], Split="test", Method="cm3dmm", Dim=6)["CD L1 (mm)"] == pytest.approx(cd, rel=1e-6)
 
 
 def test_other_code_sizes(tiny_run):

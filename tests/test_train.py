@@ -79,6 +79,7 @@ torch.set_num_threads(1)
 #: a tiny model and batch: a training step takes a few milliseconds
 TINY = {
     "template": {"levels": 1, "mask_resolution": 32},
+    "evaluate": {"levels": [0, 1]},  # within template.levels (config validation)
     "cache": {"n_continuous": 200, "n_heldout": 100},
     "model": {"id_dim": 8, "exp_dim": 8, "decoder": {"widths": [32, 32]},
               "encoder": {"backend": "dense", "n_levels": 4, "n_features": 2, "base_resolution": 2,
@@ -170,7 +171,8 @@ def test_two_step_smoke(prepared, tmp_path):
     cfg, _ = make_run(prepared, tmp_path)
     res = run_train(cfg)
     paths = RunPaths.of(cfg.run_dir)
-    assert res.steps == 2 and res.best_step == 2 and res.model_path == paths.model("cm3dmm")
+    # the PCA start (step 0) is a candidate of the linear-basis model: it may stay the best
+    assert res.steps == 2 and res.best_step in (0, 2) and res.model_path == paths.model("cm3dmm")
     assert 0.5 < res.final_val_mm < 20
     for p in (paths.model("cm3dmm"), paths.train_log("cm3dmm"), paths.loss_png("cm3dmm")):
         assert p.stat().st_size > 0

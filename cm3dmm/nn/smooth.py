@@ -12,6 +12,11 @@ replaces it by a **partition of unity of local quadratic fits** over the templat
 * a point in triangle ``t`` with barycentrics ``b`` blends the three corners' fits:
   ``f(uv) = sum_c phi_c(b) g_c(uv)``, ``phi_c = s(b_c) / sum_k s(b_k)``, ``s(b) = b^2 (3 - 2 b)``.
 
+``smoothness`` in [0, 1] blends this with barycentric interpolation (``a f + (1 - a) f_linear``):
+fitted per-vertex values carry fitting noise, which the quadratic fits amplify between vertices;
+on the default run's coarse subsets (held-out training subjects, PCA-fitted values) ``a = 0.5``
+beat both ends at 1/4 of the vertices and kept most of the gain at 1/16 (benchmarks/README.md).
+
 The result interpolates every vertex exactly (``phi_c = 1`` and ``g_c(uv_c) = y_c`` there), is
 continuous across edges (on an edge the weights depend only on the edge's two corners), exact for
 quadratic functions of UV, and — because neighbourhoods follow the mesh's connectivity, not UV
@@ -82,15 +87,20 @@ class SmoothInterpolator:
     uv: (V, 2) vertex UVs; faces: (F, 3) triangles. Built once (numpy, O(V) small solves).
     """
 
-    def __init__(self, uv: np.ndarray, faces: np.ndarray, max_neighbours: int = MAX_NEIGHBOURS):
+    def __init__(self, uv: np.ndarray, faces: np.ndarray, max_neighbours: int = MAX_NEIGHBOURS,
+                 smoothness: float = 1.0):
         uv = np.asarray(uv, np.float64)
         faces = np.asarray(faces, np.int64)
         if uv.ndim != 2 or uv.shape[1] != 2:
             raise ValueError(f"uv must have shape (V, 2), got {uv.shape}")
         if faces.ndim != 2 or faces.shape[1] != 3 or (len(faces) and (faces.min() < 0 or faces.max() >= len(uv))):
             raise ValueError(f"faces must have shape (F, 3) with indices into {len(uv)} vertices")
+        if not 0.0 <= float(smoothness) <= 1.0:
+            raise ValueError(f"smoothness must be in [0, 1], got {smoothness}")
         n = len(uv)
         self.uv, self.faces, self.n = uv, faces, n
+        #: weight of the quadratic partition of unity against barycentric interpolation
+        self.smoothness = float(smoothness)
         adj = _adjacency(faces, n)
         k = int(max_neighbours)
         nbr = np.full((n, k), -1, np.int64)
@@ -156,7 +166,10 @@ class SmoothInterpolator:
         coef = np.einsum("pcm,pcmk->pck", _monomials(d), self.operator[corners])  # (P, 3, K)
         nb = self.neighbours[corners]  # (P, 3, K)
         coef = np.where(nb >= 0, coef, 0.0)
-        centre = phi * (1.0 - coef.sum(-1))  # (P, 3)
+        a = self.smoothness
+        # blended with barycentric interpolation: (1 - a) on the corners by their barycentrics
+        centre = a * phi * (1.0 - coef.sum(-1)) + (1.0 - a) * bary  # (P, 3)
+        phi = a * phi
         w = np.concatenate([centre, (phi[..., None] * coef).reshape(len(tri), -1)], 1)
         idx = np.concatenate([corners, np.where(nb >= 0, nb, 0).reshape(len(tri), -1)], 1)
         return idx, w
