@@ -96,6 +96,7 @@ def test_paper_preset_values():
     assert cfg.model.encoder.backend == "seed-compatible"
     assert (cfg.model.encoder.n_levels, cfg.model.encoder.n_features, cfg.model.encoder.log2_table_size) == (16, 32, 15)
     assert cfg.model.decoder.widths == [512, 256, 256, 128, 32] and (cfg.model.id_dim, cfg.model.exp_dim) == (128, 128)
+    assert cfg.model.basis is False and cfg.model.interpolation == "linear"  # the plain DeepSDF field
     t = cfg.train
     assert (t.lr, t.code_lr, t.lr_milestones) == (1e-3, 1e-3, [])
     assert (t.reg_weight, t.prior_weight, t.code_std, t.code_mode) == (0.1, 0.03, 0.01, "per-face")
