@@ -78,6 +78,22 @@ JACOBIAN_BUDGET = 30_000_000
 P2P_WEIGHT = 0.1
 #: scans: total weight of the landmark pairs (each direction of the closest points weighs 1)
 LANDMARK_WEIGHT = 10.0
+#: scans: points and exact trimmed-ICP iterations of the rigid initialisation's last refinement
+RIGID_POINTS = 2000
+RIGID_REFINE_ITERS = 15
+#: scans: prior weight of the first alternation (annealed geometrically to fit.prior_weight)
+SCAN_PRIOR_START = 1e-2
+#: scans: Levenberg-Marquardt iterations per alternation at least
+SCAN_INNER_MIN = 3
+#: scans: a new random subset of fit.scan_points scan points every alternation
+SCAN_RESAMPLE = True
+#: scans: model->scan pairs whose offset is mostly tangential to the scan (the closest scan point
+#: lies on the scan's border: the model vertex is where the scan has no data) are dropped when the
+#: tangential part exceeds this many times the scan's point spacing (0 = keep them)
+BORDER_SPACINGS = 2.0
+#: scans: pairs whose model and scan normals disagree by more than this (cosine of the angle,
+#: unoriented) are dropped (0 = keep them)
+NORMAL_AGREEMENT = 0.5
 
 
 # ============================================================================ targets
@@ -365,11 +381,11 @@ class _Problem:
                                  (jt.to(torch.float64) @ rw[..., None])[..., 0], (rw * rw).sum(1)))
                 continue
             if not self.ident:
-                # scan-type targets (points on triangles, normals, a pose): rows of the Jacobian by
-                # one sparse product per face instead of gathering (K, 3, 3, D) corner Jacobians
+                # scan-type targets (points on triangles, normals, a pose): per face, the rows of
+                # the Jacobian from the corners' Jacobians in the model's dtype, float64 after the mix
                 fids = torch.arange(n_b)[sl] if isinstance(sl, slice) else sl
                 for i, f in enumerate(fids.tolist()):
-                    outs.append(self._sparse_rows(x[i], jx[i], f, tg, codes.rot is not None))
+                    outs.append(self._point_rows(x[i], jx[i], f, tg, codes.rot is not None))
                 continue
             if self.ident:
                 pred, jp = x, jx.to(torch.float64)
@@ -401,13 +417,12 @@ class _Problem:
             outs.append((jw.transpose(1, 2) @ jw, (jw.transpose(1, 2) @ rw[..., None])[..., 0], (rw * rw).sum(1)))
         return tuple(torch.cat([o[i] for o in outs]) for i in range(3))
 
-    def _sparse_rows(self, x: torch.Tensor, jx: torch.Tensor, f: int, tg: Targets, pose: bool
+    def _point_rows(self, x: torch.Tensor, jx: torch.Tensor, f: int, tg: Targets, pose: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normal equations of face ``f`` for barycentric targets: x (U, 3), jx (U, 3, D) at the
-        context vertices. Each residual row is a sparse combination of vertex coordinates (at most
-        three corners x three coordinates), so its code Jacobian is one sparse-dense product
-        S (R, 3U) @ J (3U, D); the pose columns (``pose``) are appended densely. Returns A (1, D', D'),
-        g (1, D'), data energy (1,)."""
+        context vertices. Each target point's code Jacobian is the barycentric mix of its three
+        corners' (K, 3, D), projected on the normal for the point-to-plane row; the pose columns
+        (``pose``) are appended. Returns A (1, D', D'), g (1, D'), data energy (1,)."""
         f64 = torch.float64
         loc, bary, pts = self.local[f], tg.bary[f].to(f64), tg.points[f]
         k = loc.shape[0]
@@ -421,21 +436,14 @@ class _Problem:
         if self.delta is not None:
             w = w / (2 * ((r * r).sum(-1) + self.delta ** 2).sqrt())
         sw = w.sqrt()
-        dims = torch.arange(3)
-        cols = (3 * loc[:, :, None] + dims).expand(k, 3, 3)  # (K, corner, coordinate)
-        base = torch.arange(k)[:, None, None] * c
+        # d pred / d code: the barycentric mix of the corners' Jacobians (K, 3, D), in the model's dtype
+        jp = torch.einsum("kj,kjdn->kdn", bary.to(jx.dtype), jx[loc])
         if nrm is None:
-            rows = (base + dims).expand(k, 3, 3)
-            vals = (sw[:, None, None] * bary[:, :, None]).expand(k, 3, 3)
+            jr = jp * sw.to(jp.dtype)[:, None, None]
         else:
-            rows = torch.cat([base.expand(k, 3, 3), (base + 1 + dims).expand(k, 3, 3)], 1)
-            vals = torch.cat([sw[:, None, None] * bary[:, :, None] * nrm[:, None, :],
-                              (tg.p2p * sw[:, None, None] * bary[:, :, None]).expand(k, 3, 3)], 1)
-            cols = torch.cat([cols, cols], 1)
-        nz = vals != 0
-        s = torch.sparse_coo_tensor(torch.stack([rows[nz], cols[nz]]), vals[nz], (k * c, 3 * u),
-                                    check_invariants=False).coalesce()
-        jr = torch.sparse.mm(s, jx.reshape(3 * u, -1).to(f64))  # (K c, D)
+            jn = torch.einsum("kd,kdn->kn", nrm.to(jp.dtype), jp)[:, None, :]
+            jr = torch.cat([jn, tg.p2p * jp], 1) * sw.to(jp.dtype)[:, None, None]
+        jr = jr.reshape(k * c, -1).to(f64)  # (K c, D)
         if pose:
             a = pts - self.center[f]
             eye = torch.eye(3, dtype=f64).expand(k, 3, 3)
@@ -1085,12 +1093,20 @@ def boundary_vertices(faces: np.ndarray, n: int) -> np.ndarray:
 
 def _scan_targets(scan_pts: np.ndarray, full_pts: np.ndarray, scan: Scan, verts: np.ndarray, faces: np.ndarray,
                   on_boundary: np.ndarray, trim: float, scan_tree,
-                  landmarks: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[Targets, dict]:
+                  landmarks: tuple[np.ndarray, np.ndarray] | None = None, spacing: float = 0.0,
+                  scan_normals: np.ndarray | None = None) -> tuple[Targets, dict]:
     """Correspondences of one scan with the current fit ``verts`` (V, 3).
 
     scan_pts: (P', 3) the scan points used for scan->model pairs; full_pts: (P, 3) all scan
     points (both already in the model frame); scan_tree: nearest neighbours of the full cloud
-    (point clouds only).
+    (point clouds only); spacing: the scan's typical point spacing (mm; 0 = unknown);
+    scan_normals: (P', 3) unit normals at ``scan_pts`` (model frame) or None.
+
+    Pairs are dropped when they cannot be right: scan points projecting onto the model region's
+    boundary (the scan extends beyond the model), pairs whose normals disagree by more than
+    :data:`NORMAL_AGREEMENT`, model vertices whose closest scan point lies on the scan's border
+    (the offset mostly tangential: the scan has no data there, :data:`BORDER_SPACINGS`), and the
+    worst ``trim`` fraction of each direction.
     """
     from cm3dmm.geometry import closest_points_on_mesh
 
@@ -1107,6 +1123,12 @@ def _scan_targets(scan_pts: np.ndarray, full_pts: np.ndarray, scan: Scan, verts:
     edge = (on_boundary[tri_v] | ~nz).all(1)
     keep = ~edge
     d = proj.dist
+    if NORMAL_AGREEMENT > 0 and scan_normals is not None:
+        nm = np.einsum("pk,pkc->pc", proj.bary, vn[tri_v])
+        nm /= np.maximum(np.linalg.norm(nm, axis=1, keepdims=True), 1e-12)
+        agree = np.abs((nm * scan_normals).sum(1)) >= NORMAL_AGREEMENT
+        if (keep & agree).sum() >= 3:
+            keep &= agree
     if keep.sum() >= 3:
         thr = np.quantile(d[keep], 1.0 - trim) if trim > 0 else np.inf
         keep &= d <= thr
@@ -1130,6 +1152,17 @@ def _scan_targets(scan_pts: np.ndarray, full_pts: np.ndarray, scan: Scan, verts:
     nb /= np.maximum(np.linalg.norm(nb, axis=1, keepdims=True), 1e-12)
     cover = np.median(d[keep]) * 3.0 + 1.0 if keep.any() else np.inf
     mk = (bd <= cover) & ~on_boundary
+    off = bq - verts
+    along = np.abs((off * nb).sum(1))
+    if BORDER_SPACINGS > 0 and spacing > 0:  # closest scan point on the scan's border: no data here
+        tang = np.sqrt(np.maximum((off * off).sum(1) - along ** 2, 0.0))
+        inside = tang <= BORDER_SPACINGS * spacing
+        if (mk & inside).sum() >= 3:
+            mk &= inside
+    if NORMAL_AGREEMENT > 0:
+        agree = np.abs((vn * nb).sum(1)) >= NORMAL_AGREEMENT
+        if (mk & agree).sum() >= 3:
+            mk &= agree
     if mk.sum() >= 3 and trim > 0:
         mk &= bd <= np.quantile(bd[mk], 1.0 - trim)
     vid_b = np.flatnonzero(mk)
@@ -1181,18 +1214,19 @@ def fit_scans(model: FaceModel, scans: Sequence[Scan], cfg, seed: int = 0) -> Fi
     with_scale = bool(getattr(cfg, "scale", False))
     max_pts = int(getattr(cfg, "scan_points", 0)) or None
     warnings: list[str] = []
-    subs, poses, trees, cloud_n = [], [], [], []
+    subs, poses, trees, cloud_n, spacing = [], [], [], [], []
     for scan in scans:
         pts = scan.points
         if max_pts and len(pts) > max_pts:
             pts = pts[rng.choice(len(pts), max_pts, replace=False)]
         subs.append(pts)
         trees.append(cKDTree(scan.points) if scan.faces is None else None)
-        cloud_n.append(None if scan.faces is not None else
-                       (scan.normals if scan.normals is not None else cloud_normals(scan.points, trees[-1])))
+        spacing.append(_spacing(scan, trees[-1], rng))
+        cloud_n.append(None if scan.faces is not None else _CloudNormals(scan.points, trees[-1], scan.normals))
         init = _landmark_pose(scan, model, with_scale)
+        # a short exact refinement: the pose is solved again jointly with the codes below
         res = align_to_reference(pts, model.mean, faces, trim=max(cfg.trim, 0.1), with_scale=with_scale, init=init,
-                                 seed=seed)
+                                 seed=seed, max_points=RIGID_POINTS, refine_iters=RIGID_REFINE_ITERS)
         log.info("%s: initial pose, trimmed RMS %.2f mm", scan.name, res.rmse)
         scancheck.check_scan(scan, res.transform.apply(pts), model.mean, seed=seed)  # a face? (issue 13)
         poses.append(res.transform)
@@ -1203,9 +1237,18 @@ def fit_scans(model: FaceModel, scans: Sequence[Scan], cfg, seed: int = 0) -> Fi
     codes = Codes(zi[:1].clone() if shared else zi, ze, shared)
     info_total = SolveInfo()
     stats = []
-    inner = max(3, int(math.ceil(cfg.max_iter / max(cfg.scan_iters, 1))))
-    sub_cfg = _replace(cfg, max_iter=inner, points=0, loss="squared")  # trimming makes it robust
-    for it in range(max(cfg.scan_iters, 1)):
+    n_alt = max(cfg.scan_iters, 1)
+    inner = max(SCAN_INNER_MIN, int(math.ceil(cfg.max_iter / n_alt)))
+    for it in range(n_alt):
+        # the code prior is annealed from SCAN_PRIOR_START to fit.prior_weight: the first
+        # alternations, whose correspondences are the least reliable, stay close to the prior mean
+        lam0 = max(SCAN_PRIOR_START, cfg.prior_weight)
+        lam = lam0 * (cfg.prior_weight / lam0) ** (it / max(n_alt - 1, 1)) if cfg.prior_weight > 0 else 0.0
+        sub_cfg = _replace(cfg, max_iter=inner, points=0, loss="squared", prior_weight=lam)  # trimming: robust
+        if it > 0 and SCAN_RESAMPLE:  # a fresh random subset of the scan points each alternation
+            for k, scan in enumerate(scans):
+                if max_pts and len(scan.points) > max_pts:
+                    subs[k] = scan.points[rng.choice(len(scan.points), max_pts, replace=False)]
         zf, zef = codes.per_face()
         verts = model.vertices(zf.to(model.dtype), zef.to(model.dtype))
         parts, stats = [], []
@@ -1216,8 +1259,11 @@ def fit_scans(model: FaceModel, scans: Sequence[Scan], cfg, seed: int = 0) -> Fi
             if len(common) >= 3:
                 lm = (np.array([model.landmarks[n] for n in common]),
                       poses[k].apply(np.stack([scan.landmarks[n] for n in common])))
+            sn = None
+            if tree is not None:  # normals at the subset's points (their nearest cloud points)
+                sn = poses[k].apply_vectors(cloud_n[k][trees[k].query(subs[k])[1]])
             tg, st = _scan_targets(poses[k].apply(subs[k]), poses[k].apply(scan.points), scan, verts[k], faces,
-                                   on_b, cfg.trim, tree, lm)
+                                   on_b, cfg.trim, tree, lm, spacing=spacing[k], scan_normals=sn)
             parts.append(tg)
             stats.append(st)
         targets = Targets.stack(parts)
@@ -1261,7 +1307,7 @@ def fit_scans(model: FaceModel, scans: Sequence[Scan], cfg, seed: int = 0) -> Fi
             back = closest_points_on_mesh(verts[k], full, scan.faces)
             bd, bq = back.dist, back.closest
         else:
-            bd, j = cKDTree(full).query(verts[k])
+            bd, j = _Tree(trees[k], poses[k], cloud_n[k]).query(verts[k])
             bq = full[j]
         ve = bd.copy()
         ve[bd > max(3 * np.median(bd), 2.0)] = np.nan
@@ -1279,6 +1325,16 @@ def fit_scans(model: FaceModel, scans: Sequence[Scan], cfg, seed: int = 0) -> Fi
     return res
 
 
+def _spacing(scan: Scan, tree, rng: np.random.Generator, n: int = 500) -> float:
+    """Typical point spacing of a scan (mm): the median distance of ``n`` random points to their
+    nearest neighbour (point clouds) or the median edge length (meshes)."""
+    if scan.faces is not None:
+        f = scan.faces
+        return float(np.median(np.linalg.norm(scan.points[f[:, 0]] - scan.points[f[:, 1]], axis=1)))
+    idx = rng.choice(len(scan.points), min(n, len(scan.points)), replace=False)
+    return float(np.median(tree.query(scan.points[idx], k=2)[0][:, 1]))
+
+
 class _Tree:
     """A KD-tree of a point cloud queried in the model frame (the cloud moves with its pose)."""
 
@@ -1293,10 +1349,32 @@ class _Tree:
         return self.pose.apply_vectors(self._normals[j])
 
 
-def cloud_normals(points: np.ndarray, tree, k: int = 12) -> np.ndarray:
-    """Unoriented unit normals of a point cloud (P, 3): smallest principal axis of k neighbours."""
-    _, nb = tree.query(points, k=min(k, len(points)))
-    q = points[nb] - points[nb].mean(1, keepdims=True)  # (P, k, 3)
+class _CloudNormals:
+    """Normals of a point cloud, given or estimated (:func:`cloud_normals`) only where asked for
+    (a 2-million-point scan needs them at a few thousand points), and kept once estimated."""
+
+    def __init__(self, points: np.ndarray, tree, given: np.ndarray | None = None):
+        self.points, self.tree, self.given = points, tree, given
+        if given is None:
+            self.normals = np.zeros((len(points), 3))
+            self.done = np.zeros(len(points), bool)
+
+    def __getitem__(self, j: np.ndarray) -> np.ndarray:
+        if self.given is not None:
+            return self.given[j]
+        todo = np.unique(j[~self.done[j]])
+        if len(todo):
+            self.normals[todo] = cloud_normals(self.points[todo], self.tree, reference=self.points)
+            self.done[todo] = True
+        return self.normals[j]
+
+
+def cloud_normals(points: np.ndarray, tree, k: int = 12, reference: np.ndarray | None = None) -> np.ndarray:
+    """Unoriented unit normals (P, 3) at ``points``: the smallest principal axis of their k nearest
+    neighbours in ``reference`` (the cloud ``tree`` was built on; default ``points``)."""
+    ref = points if reference is None else reference
+    _, nb = tree.query(points, k=min(k, len(ref)))
+    q = ref[nb] - ref[nb].mean(1, keepdims=True)  # (P, k, 3)
     _, vecs = np.linalg.eigh(np.einsum("pki,pkj->pij", q, q))
     return vecs[:, :, 0]
 
