@@ -176,12 +176,13 @@ class SmoothInterpolator:
 
     def matrix(self, tri: np.ndarray, bary: np.ndarray, uv: np.ndarray | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """:meth:`weights` as a sparse CSR tensor (P, V) (duplicate entries summed)."""
+        """:meth:`weights` as a sparse COO tensor (P, V) (duplicate entries summed)."""
         idx, w = self.weights(tri, bary, uv)
         p = len(idx)
         rows = np.repeat(np.arange(p), idx.shape[1])
-        coo = torch.sparse_coo_tensor(np.stack([rows, idx.ravel()]), w.ravel(), (p, self.n), dtype=dtype)
-        return coo.coalesce().to_sparse_csr()
+        coo = torch.sparse_coo_tensor(np.stack([rows, idx.ravel()]), w.ravel(), (p, self.n), dtype=dtype,
+                                      check_invariants=True)
+        return coo.coalesce()
 
     def interpolate(self, values: np.ndarray, tri: np.ndarray, bary: np.ndarray,
                     uv: np.ndarray | None = None) -> np.ndarray:
