@@ -76,9 +76,9 @@ def _train_small(tmp: str, args):
     return paths.model("cm3dmm"), paths.registered
 
 
-def scan_speed(fm, x: np.ndarray, sizes: list[int], threads: int) -> None:
+def scan_speed(fm, x: np.ndarray, sizes: list[int], noise: float = 0.3) -> None:
     """Time fit_scans (defaults) on clouds of ``sizes`` points sampled from the face ``x`` (V, 3), in
-    metres, rotated 20 degrees, translated, 0.3 mm noise; wall and CPU seconds, the peak resident
+    metres, rotated 20 degrees, translated, ``noise`` mm Gaussian noise; wall and CPU seconds, the peak resident
     memory of this process, and the vertex error against ``x`` after a rigid alignment."""
     import resource
 
@@ -94,7 +94,7 @@ def scan_speed(fm, x: np.ndarray, sizes: list[int], threads: int) -> None:
         rng = np.random.default_rng(0)
         a = np.radians(20)
         rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
-        scan_m = (_cloud(x, faces, n, rng) @ rot.T + [40.0, -20.0, 600.0] + rng.normal(0, 0.3, (n, 3))) / 1000.0
+        scan_m = (_cloud(x, faces, n, rng) @ rot.T + [40.0, -20.0, 600.0] + rng.normal(0, noise, (n, 3))) / 1000.0
         t0, c0 = time.perf_counter(), time.process_time()
         factor, unit = resolve_units(scan_m, "auto")
         res = fit_scans(fm, [Scan(scan_m * factor, units=unit, name="scan")], FitConfig())
@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--scan-points", type=int, default=100_000, help="0: no scan fit")
     p.add_argument("--scan-sizes", default="", help="comma-separated scan sizes (points) for the scan-speed "
                    "table alone (e.g. 20000,2000000): skips the registered fitters")
+    p.add_argument("--scan-noise", type=float, default=0.3, help="mm, Gaussian, of the --scan-sizes clouds")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
 
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
               f"{n} faces of test subjects {', '.join(subjects)}", file=sys.stderr)
 
         if args.scan_sizes:
-            scan_speed(fm, groups[0][0], [int(s) for s in args.scan_sizes.split(",")], args.threads)
+            scan_speed(fm, groups[0][0], [int(s) for s in args.scan_sizes.split(",")], args.scan_noise)
             return 0
         rows = []
         # warm-up (untimed): first calls of the encoder / kernels are slower than the rest
