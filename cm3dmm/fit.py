@@ -1024,6 +1024,7 @@ class Scan:
     name: str = "scan"
     units: str = "mm"  #: the units the file was in
     path: str | None = None
+    landmarks_path: str | None = None  #: the file the landmarks came from (named by their errors)
 
 
 def resolve_units(points: np.ndarray, units: str, path=None) -> tuple[float, str]:
@@ -1057,7 +1058,7 @@ def resolve_units(points: np.ndarray, units: str, path=None) -> tuple[float, str
     return UNIT_FACTORS[units], units
 
 
-def read_scan(path, units: str = "auto", landmarks: dict | None = None) -> Scan:
+def read_scan(path, units: str = "auto", landmarks: dict | None = None, landmarks_path=None) -> Scan:
     """Read an OBJ/PLY[.gz] scan or point cloud, validate it and convert it to mm."""
     from cm3dmm.io.mesh import read_mesh
 
@@ -1079,7 +1080,8 @@ def read_scan(path, units: str = "auto", landmarks: dict | None = None) -> Scan:
         nrm = np.linalg.norm(mesh.normals, axis=1, keepdims=True)
         normals = np.where(nrm > 0, mesh.normals / np.where(nrm > 0, nrm, 1), 0.0)
     lms = {k: np.asarray(v, np.float64) * factor for k, v in (landmarks or {}).items()}
-    return Scan(pts * factor, faces, normals, lms, Path(path).name.split(".")[0], unit, str(path))
+    return Scan(pts * factor, faces, normals, lms, Path(path).name.split(".")[0], unit, str(path),
+                None if landmarks_path is None else str(landmarks_path))
 
 
 def boundary_vertices(faces: np.ndarray, n: int) -> np.ndarray:
@@ -1194,7 +1196,7 @@ def _landmark_pose(scan: Scan, model: FaceModel, with_scale: bool) -> Similarity
     common = [k for k in scan.landmarks if k in model.landmarks]
     if len(common) < 3:
         raise InputError(f"the landmarks share only {len(common)} names with the template's "
-                         f"({sorted(model.landmarks)[:8]}...); need at least 3", scan.path)
+                         f"({sorted(model.landmarks)[:8]}...); need at least 3", scan.landmarks_path or scan.path)
     src = np.stack([scan.landmarks[k] for k in common])
     dst = model.mean[[model.landmarks[k] for k in common]]
     return umeyama(src, dst, with_scale=with_scale)
@@ -1492,7 +1494,7 @@ def run_fit(cfg, method: str | None = None, subject: str | None = None, model: s
             from cm3dmm.landmarks import check_names
 
             check_names(lms, fm.landmarks, landmarks)
-            scans = [read_scan(p, units, lm) for p, lm in zip(scan_list, lms)]
+            scans = [read_scan(p, units, lm, landmarks) for p, lm in zip(scan_list, lms)]
             result = fit_scans(fm, scans, fc)
             kind = "scan"
         expressions = names

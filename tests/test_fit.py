@@ -453,3 +453,21 @@ def test_spd_solver_matches_numpy_with_two_threads():
         torch.set_num_threads(old)
     assert (info == 0).all()
     np.testing.assert_allclose(x.numpy(), np.linalg.solve(a, b), rtol=1e-6, atol=1e-8)
+
+
+def test_landmark_name_errors_name_the_landmarks_file(tmp_path):
+    """Too few landmark names in common with the template: the error names the landmarks file, not the scan."""
+    from cm3dmm.errors import InputError
+    from cm3dmm.fit import Scan, _landmark_pose
+
+    class _Model:
+        landmarks = {"nose_tip": 0, "chin": 1, "mouth_left": 2}
+        mean = np.zeros((3, 3))
+
+    lm_file = tmp_path / "marks.json"
+    scan = Scan(np.zeros((20, 3)), landmarks={"nose_tip": np.zeros(3), "elbow": np.ones(3)},
+                path=str(tmp_path / "scan.ply"), landmarks_path=str(lm_file))
+    with pytest.raises(InputError) as err:
+        _landmark_pose(scan, _Model(), with_scale=False)
+    assert "marks.json" in str(err.value) and "scan.ply" not in str(err.value)
+    assert "share only 1 names" in str(err.value)
