@@ -762,13 +762,22 @@ def _protocol(ctx: _Ctx, facts: dict) -> str:
         "- cm3dmm: a continuous model trained only on the kept vertices (`models/cm3dmm_frac{f}/`, "
         f"{ec.upsampling_steps or ctx.cfg.train.steps} steps, no continuous surface samples, the coarse mesh as "
         "its template so its average face is the coarse mean), fitted to the kept vertices of each test face, "
-        "then queried at the UV of every template vertex.",
+        "then queried at the UV of every template vertex"
+        + (f" (its field between the kept vertices: `model.interpolation = {ctx.cfg.model.interpolation}`, "
+           f"smoothness {ctx.cfg.model.smoothness:g}, `cm3dmm.nn.smooth`)." if ctx.cfg.model.interpolation == "smooth"
+           else ".")
+        + " Rows `cm3dmm` of the reconstruction table say how its codes were fitted: per face (like PCA) or "
+        "with one identity code shared by a subject's expressions.",
         "- pca / bilinear: trained on the kept vertices of all training faces, fitted to the kept vertices "
         "of each test face, then interpolated barycentrically on the coarse mesh to every vertex.",
         "- coarse target: the test face's own kept vertices interpolated the same way (the best any "
         "interpolation of the coarse mesh can do).",
         "- error columns: mean vertex error over all V vertices and over the unseen (V - K) vertices only; "
         "CD as above against the full registered target.",
+        "",
+        "## Scan fits",
+        "- Correspondence-free fits of scans made from the test faces: rule `scan_fits`, its table "
+        "`scan_fits.md` and its own protocol `scan_fits_protocol.md` beside this file.",
         "",
         "## Timing (`timing`)",
         "- training: the wall time recorded by training (`train_log.csv` elapsed_s, or the baseline's "
