@@ -1476,6 +1476,10 @@ def run_fit(cfg, method: str | None = None, subject: str | None = None, model: s
     fm = load_method(model_path, template=template, expect=expect)
     if template is not None:  # the baselines' UVs for the written meshes (cm3dmm.export.template_of)
         fm.template = template
+    n_levels = max(len(fm.levels), 1)
+    if not 0 <= int(fc.level) < n_levels:  # checked before the fit, not when its meshes are written
+        raise InputError(f"fit.level {fc.level} does not exist: the model's template has levels 0..{n_levels - 1}",
+                         model_path)
     if landmark_set:  # landmark names on any template (cm3dmm.landmarks file format)
         from cm3dmm.landmarks import use_landmark_file
 

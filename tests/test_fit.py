@@ -471,3 +471,18 @@ def test_landmark_name_errors_name_the_landmarks_file(tmp_path):
         _landmark_pose(scan, _Model(), with_scale=False)
     assert "marks.json" in str(err.value) and "scan.ply" not in str(err.value)
     assert "share only 1 names" in str(err.value)
+
+
+def test_run_fit_level_beyond_the_models_levels_fails_before_fitting(pca_run, tmp_path):
+    """fit.level above the levels of the model's template (a --model from elsewhere): one line naming
+    the model, before any fitting, and nothing written."""
+    import dataclasses
+
+    cfg, paths, data = pca_run
+    subj = data.subjects("test")[0]
+    fm_levels = 1  # a PCA model file carries no upsampling levels: level 0 only
+    bad = dataclasses.replace(cfg, fit=dataclasses.replace(cfg.fit, level=fm_levels + 1))
+    with pytest.raises(InputError, match="fit.level 2 does not exist") as ei:
+        run_fit(bad, method="pca", subject=subj, model=str(paths.model("pca")))
+    assert "model.pt" in str(ei.value)
+    assert not paths.fit_npz("pca", subj).exists() and not paths.fit_png("pca", subj).exists()
