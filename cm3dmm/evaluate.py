@@ -406,9 +406,10 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
             # the other code sharing, so that the continuous model is seen both ways: per face (every
             # face fitted freely, as PCA is) and per subject (one identity code for all its expressions)
             other = "per-subject" if mode == "per-face" else "per-face"
-            _, _, pv_o, _ = _fit_faces(fm, ctx.test, dataclasses.replace(ctx.cfg.fit, mode=other))
+            zi_o, ze_o, pv_o, _ = _fit_faces(fm, ctx.test, dataclasses.replace(ctx.cfg.fit, mode=other))
             so = score_faces(pv_o, ctx.test.vertices, ctx.faces, surface_idx=sidx_test, **kw)
-            rows.append(_recon_row("test", method, dim, so, ctx, f"fitted here ({_mode_text(fm, other)})"))
+            rows.append(_recon_row("test", method, dim, so, ctx, f"fitted here ({_mode_text(fm, other)})",
+                                   _level_chamfer(ctx, fm, method, zi_o, ze_o, ctx.test, sidx_test, so)))
         for name in ctx.region_names:
             r = s.regions.get(name)
             if r is None:

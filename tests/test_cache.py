@@ -291,6 +291,7 @@ def test_run_cache_checks_the_template_source(tmp_path):
 
     data = make_registered(n_subjects=3, n_expr=2, grid=5)
     cfg = config_from_dict({"run": "r", "results": str(tmp_path), "template": {"levels": 1, "mask_resolution": 16},
+                            "evaluate": {"levels": [0, 1]},  # within template.levels (config validation)
                             "cache": {"n_continuous": 20, "n_heldout": 5}})
     paths = RunPaths.of(cfg.run_dir)
     write_registered(paths.registered, data)

@@ -173,7 +173,7 @@ def test_two_step_smoke(prepared, tmp_path):
     paths = RunPaths.of(cfg.run_dir)
     # the PCA start (step 0) is a candidate of the linear-basis model: it may stay the best
     assert res.steps == 2 and res.best_step in (0, 2) and res.model_path == paths.model("cm3dmm")
-    assert 0.5 < res.final_val_mm < 20
+    assert 0.05 < res.final_val_mm < 20  # the PCA start of the linear basis is already close
     for p in (paths.model("cm3dmm"), paths.train_log("cm3dmm"), paths.loss_png("cm3dmm")):
         assert p.stat().st_size > 0
     header = paths.train_log("cm3dmm").read_text().splitlines()[0]
@@ -184,15 +184,16 @@ def test_two_step_smoke(prepared, tmp_path):
     assert extra["codes"]["id"].shape == (n_train, 8) and extra["codes"]["exp"].shape == (n_train, 8)
     assert extra["index"]["subject"][:3] == ["s000"] * 3 and len(extra["index"]["expression"]) == n_train
     assert extra["code_stats"]["id_std"].shape == (8,)
-    assert extra["config"]["train"]["steps"] == 2 and extra["summary"]["best_step"] == 2
+    assert extra["config"]["train"]["steps"] == 2 and extra["summary"]["best_step"] == res.best_step
     # the model file alone reproduces the held-out error reported for the training faces
     from cm3dmm.cache import SampleCache
 
     with SampleCache(paths.cache("train")) as c:
         held = c.heldout(np.arange(n_train))
     with torch.no_grad():
+        # a smooth model interpolates its own average face (training and validation do the same)
         pred = model.decode(torch.as_tensor(held["uv"]), extra["codes"]["id"], extra["codes"]["exp"],
-                            avg=torch.as_tensor(held["avg"]))
+                            avg=None if model.smooth else torch.as_tensor(held["avg"]))
     err = torch.linalg.vector_norm(pred - torch.as_tensor(held["target"]), dim=-1).mean()
     assert float(err) == pytest.approx(extra["summary"]["val_all_faces_mm"], rel=1e-4)
 
