@@ -82,10 +82,20 @@ class Points:
         """The points ``start:stop``."""
         return Points(self.uv[start:stop], self.index[start:stop], self.weight[start:stop])
 
-    def gather(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-vertex values (V, C) or (B, V, C) -> (N, C) / (B, N, C)."""
-        picked = values[..., self.index, :]  # (..., N, W, C)
-        return (picked * self.weight.to(values.dtype)[..., None]).sum(-2)
+    def gather(self, values: torch.Tensor, per_face: bool = False) -> torch.Tensor:
+        """Per-vertex values (V, C) or (B, V, C) -> (N, C) / (B, N, C).
+
+        ``per_face``: the points are B x N points flattened face-major (the points of face b are
+        rows ``b * N .. (b + 1) * N - 1``), each read from its own face's values (B, V, C) -> (B, N, C).
+        """
+        if not per_face:
+            picked = values[..., self.index, :]  # (..., N, W, C)
+            return (picked * self.weight.to(values.dtype)[..., None]).sum(-2)
+        b = values.shape[0]
+        idx = self.index.reshape(b, -1, self.index.shape[-1])  # (B, N, W)
+        w = self.weight.reshape(b, -1, self.weight.shape[-1]).to(values.dtype)
+        rows = torch.arange(b, device=values.device)[:, None, None]
+        return (values[rows, idx] * w[..., None]).sum(-2)
 
 
 @dataclass
@@ -139,8 +149,6 @@ class ContinuousModel(nn.Module):
         if cfg.interpolation == "smooth":
             from cm3dmm.nn.smooth import SmoothInterpolator
 
-            if not 0.0 <= float(cfg.smoothness) <= 1.0:
-                raise ValueError(f"smoothness must be in [0, 1], got {cfg.smoothness}")
             self._smooth = SmoothInterpolator(np.asarray(template.uv), np.asarray(template.faces),
                                               smoothness=float(cfg.smoothness))
         #: (V, 3, Di + De) the linear basis (zero until training initialises it), or None
@@ -230,21 +238,7 @@ class ContinuousModel(nn.Module):
         (the points of face b are rows ``b * N .. (b + 1) * N - 1``).
         """
         per_vertex = torch.einsum("vcd,bd->bvc", self.basis, codes)  # (B, V, 3)
-        if not per_face:
-            return pts.gather(per_vertex)
-        b = codes.shape[0]
-        idx = pts.index.reshape(b, -1, pts.index.shape[-1])  # (B, N, W)
-        w = pts.weight.reshape(b, -1, pts.weight.shape[-1]).to(codes.dtype)
-        rows = torch.arange(b, device=codes.device)[:, None, None]
-        return (per_vertex[rows, idx] * w[..., None]).sum(-2)
-
-    def points_from_bary(self, tri: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
-        """Average-face positions of points given as (template triangle, barycentrics).
-
-        tri: (P,) int; bary: (P, 3). Returns (P, 3).
-        """
-        corners = self.mean[self.faces[tri.long()]]  # (P, 3, 3)
-        return (corners * bary.to(self.mean.dtype)[..., None]).sum(dim=1)
+        return pts.gather(per_vertex, per_face)
 
     # ------------------------------------------------------------------ the field
     def _points_for(self, uv: torch.Tensor, pts: Points | None) -> Points:
@@ -287,11 +281,7 @@ class ContinuousModel(nn.Module):
         w = w.to(codes.dtype)
         per_face_entries = idx.shape[-2] * idx.shape[-1]
         if per_face_entries >= self.n_vertices:
-            r_all = self.decoder(codes[:, None, :], self.encoder(self.uv))  # (B, V, 3)
-            if per_face:
-                rows = torch.arange(b, device=codes.device)[:, None, None]
-                return (r_all[rows, idx] * w[..., None]).sum(-2)
-            return (r_all[:, idx] * w[..., None]).sum(-2)
+            return pts.gather(self.decoder(codes[:, None, :], self.encoder(self.uv)), per_face)  # r at (B, V, 3)
         feats = self.encoder(self.uv[idx.reshape(-1)]).reshape(*idx.shape, -1)  # (..., N, W, F)
         c = codes[:, None, None, :]  # (B, 1, 1, D) against (N, W, F) or (B, N, W, F)
         r = self.decoder(c, feats)  # (B, N, W, 3)
