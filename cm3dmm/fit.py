@@ -39,7 +39,6 @@ projections dropped) plus model->scan closest points where the scan covers the m
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -1392,13 +1391,10 @@ def _replace(cfg, **kw):
 def _read_landmarks(path, n_scans: int, scan_paths: list[str]) -> list[dict]:
     if path is None:
         return [{} for _ in range(n_scans)]
+    from cm3dmm.io.atomic import read_json
+
     p = Path(path)
-    if not p.exists():
-        raise InputError("landmarks file not found", p)
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"landmarks file is not valid JSON ({exc})", p) from None
+    data = read_json(p, "landmarks file")
 
     def one(d):
         if not isinstance(d, dict):

@@ -25,7 +25,6 @@ every tool of the project.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,13 +115,10 @@ def at_uv(names: list[str], uv, template, path=None) -> LandmarkSet:
 
 def read_landmark_file(path: str | os.PathLike, template) -> LandmarkSet:
     """Read a landmark file (module docstring) for ``template``; InputError naming the problem."""
+    from cm3dmm.io.atomic import read_json
+
     p = Path(path)
-    if not p.exists():
-        raise InputError("landmark file not found", p)
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"landmark file is not valid JSON ({exc})", p) from None
+    data = read_json(p, "landmark file")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise InputError(f"not a landmark file (expected \"format\": \"{FORMAT}\")", p)
     if data.get("version") != VERSION:

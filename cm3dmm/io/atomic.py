@@ -186,6 +186,20 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+def read_json(path: str | os.PathLike, what: str):
+    """The parsed JSON of a user file; a missing or unparsable file is an InputError naming
+    ``path`` and calling it ``what`` (e.g. "landmarks file")."""
+    import json
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} not found", p)
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} is not valid JSON ({exc})", p) from None
+
+
 def _json_default(o):
     import numpy as np
 
