@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--units", dest="x_units", default=None, help="units of --scan: mm | cm | m | auto")
     p.add_argument("--out", dest="x_out", default=None, help="output .npz (+ .json, meshes beside)")
     p = add("train-upsampling", "train the continuous model on a fraction of the template's vertices "
-            "(semantic-upsampling experiment) -> models/cm3dmm_frac{F}/model.pt", "subset", "run_train_upsampling")
+            "(semantic-upsampling experiment) -> models/cm3dmm_frac{F}/model.pt", "upsampling", "run_train_upsampling")
     p.add_argument("--fraction", dest="x_fraction", required=True, help="fraction of vertices kept, in (0, 1]")
     p = add("train-size", "train the continuous model at another code size (reconstruction table) "
             "-> models/cm3dmm_dim{N}/model.pt", "train", "run_train_size")

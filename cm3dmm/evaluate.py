@@ -14,7 +14,7 @@ Tables (each as ``.csv``, ``.md`` and booktabs ``.tex``; :mod:`cm3dmm.tables`), 
   other) of the template;
 * ``pca_sweep`` — PCA at every latent size up to the data's rank (log-spaced sizes above 128),
   vertex errors only, from one SVD;
-* ``upsampling`` — the semantic-upsampling experiment (:mod:`cm3dmm.subset`): every method
+* ``upsampling`` — the semantic-upsampling experiment (:mod:`cm3dmm.upsampling`): every method
   sees a fraction of the template's vertices and is evaluated at all of them;
 * ``timing`` — training time, fitting time per face, mesh generation time per upsampling level.
 
@@ -564,7 +564,7 @@ def _level_chamfer(ctx: _Ctx, fm, method: str, zi, ze, fs: FaceSet, sidx, s0: Sc
 def _upsampling(ctx: _Ctx, facts: dict) -> pd.DataFrame:
     from cm3dmm.baselines import fit_bilinear, fit_pca
     from cm3dmm.methods import baseline_face, load_method
-    from cm3dmm.subset import fraction_method, fraction_tag, make_coarse
+    from cm3dmm.upsampling import fraction_method, fraction_tag, make_coarse
 
     ec, kw = ctx.ec, ctx.kw()
     subjects = select_subjects(ctx.test_subjects, ec.upsampling_subjects)
@@ -644,7 +644,7 @@ def _train_seconds(ctx: _Ctx, method: str) -> float:
 
 
 def _timing(ctx: _Ctx, facts: dict) -> pd.DataFrame:
-    from cm3dmm.subset import fraction_method
+    from cm3dmm.upsampling import fraction_method
 
     rows = []
     for method in ctx.methods:

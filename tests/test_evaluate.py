@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 def tiny_run(tmp_path_factory):
     from cm3dmm.evaluate import run_evaluate
     from cm3dmm.fit import run_fit
-    from cm3dmm.subset import run_train_upsampling
+    from cm3dmm.upsampling import run_train_upsampling
     from cm3dmm.train import extra_model_dims, run_train_size
 
     root = tmp_path_factory.mktemp("evalrun")
@@ -242,7 +242,7 @@ def test_regions_equal_direct_region_errors(tiny_run):
 
 
 def test_upsampling_rows(tiny_run):
-    from cm3dmm.subset import make_coarse
+    from cm3dmm.upsampling import make_coarse
     from cm3dmm.template import load_template
 
     cfg, paths, data, ev = tiny_run
@@ -296,7 +296,7 @@ def test_figures_are_real_pngs(tiny_run):
 def test_vertex_subset_cache_reads_and_validation_subset(tiny_run):
     """The upsampling models' training data: reads cycle through each face's own permutation of
     the kept vertices; validation uses one fixed evenly spread subset of at most max_heldout."""
-    from cm3dmm.subset import VertexSubsetCache, make_coarse
+    from cm3dmm.upsampling import VertexSubsetCache, make_coarse
     from cm3dmm.template import load_template
 
     cfg, paths, data, ev = tiny_run

@@ -9,7 +9,7 @@
 #
 # Every table (as HTML), the protocol and every figure go into `snakemake --report`.
 from cm3dmm.paths import FIGURES, TABLES
-from cm3dmm.subset import fraction_method, fraction_tag
+from cm3dmm.upsampling import fraction_method, fraction_tag
 from cm3dmm.train import extra_model_dims, size_method
 
 UPSAMPLING_METHODS = [fraction_method(f) for f in CFG.evaluate.upsampling_fractions]
