@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    import cm3dmm.fit as fitmod
+    import cm3dmm.fit.solve as fitmod  # RELEASE_ITERS and the solvers are patched here
     from cm3dmm.config import FitConfig
     from cm3dmm.fit import Scan, fit_registered, fit_scans, resolve_units
     from cm3dmm.methods import load_method

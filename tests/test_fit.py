@@ -12,7 +12,8 @@ import torch
 from cm3dmm.config import DecoderConfig, EncoderConfig, FitConfig, ModelConfig
 from cm3dmm.errors import InputError
 from _meshes import axis_rotation as _rot
-from cm3dmm.fit import Targets, _Problem, Codes, fit_registered, fit_scans, read_scan, resolve_units, run_fit
+from cm3dmm.fit import Codes, Targets, fit_registered, fit_scans, read_scan, resolve_units, run_fit
+from cm3dmm.fit.objective import _Problem
 from cm3dmm.methods import BilinearFace, CodePrior, NeuralFace, PCAFace
 
 torch.set_num_threads(1)
@@ -147,7 +148,7 @@ def test_structured_lm_follows_the_dense_lm(neural, shared, pose):
 
 def test_structured_step_equals_dense_solve():
     """The Schur-complement step on a shared identity = the dense solve of the assembled system."""
-    from cm3dmm.fit import _structured_step
+    from cm3dmm.fit.solve import _structured_step
 
     g = torch.Generator().manual_seed(0)
     b, di, de = 4, 5, 3
@@ -438,7 +439,7 @@ def test_spd_solver_matches_numpy_with_two_threads():
     """_solve_spd on a batch of large damped normal-equation systems with 2 torch threads (batched
     LU hangs or fails there in this torch build) equals numpy's solve; a non-positive-definite
     system in the batch goes through the per-system LU fallback."""
-    from cm3dmm.fit import _solve_spd
+    from cm3dmm.fit.solve import _solve_spd
 
     rng = np.random.default_rng(0)
     j = rng.normal(size=(6, 300, 260))
@@ -458,7 +459,7 @@ def test_spd_solver_matches_numpy_with_two_threads():
 def test_landmark_name_errors_name_the_landmarks_file(tmp_path):
     """Too few landmark names in common with the template: the error names the landmarks file, not the scan."""
     from cm3dmm.errors import InputError
-    from cm3dmm.fit import Scan, _landmark_pose
+    from cm3dmm.fit import Scan, landmark_pose
 
     class _Model:
         landmarks = {"nose_tip": 0, "chin": 1, "mouth_left": 2}
@@ -468,7 +469,7 @@ def test_landmark_name_errors_name_the_landmarks_file(tmp_path):
     scan = Scan(np.zeros((20, 3)), landmarks={"nose_tip": np.zeros(3), "elbow": np.ones(3)},
                 path=str(tmp_path / "scan.ply"), landmarks_path=str(lm_file))
     with pytest.raises(InputError) as err:
-        _landmark_pose(scan, _Model(), with_scale=False)
+        landmark_pose(scan, _Model(), with_scale=False)
     assert "marks.json" in str(err.value) and "scan.ply" not in str(err.value)
     assert "share only 1 names" in str(err.value)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cm3dmm.config import FitConfig
-from cm3dmm.fit import Codes, Targets, _Problem
+from cm3dmm.fit import Codes, Targets
+from cm3dmm.fit.objective import _Problem
 from test_fit import _neural, _subject_codes
 
 torch.set_num_threads(1)
