@@ -2,17 +2,11 @@
 model over identity x expression (the paper's "FaceScape" row).
 
 Both are trained on the training split of ``registered.h5`` (every face in correspondence
-with the template), fit targets in correspondence in closed form (PCA) or by alternating
-least squares (bilinear), sample random faces, and evaluate at any upsampling level by
-barycentric interpolation of their decoded vertices (all a discrete model can do).
-
-Regularisation (both fits): the objective is
-
-    sum over faces, vertices, xyz of (model - target)^2  +  reg * sum_k ((z_k - mu_k) / sigma_k)^2
-
-with ``mu, sigma`` the per-dimension code statistics of the training set. With ``reg`` equal
-to the per-coordinate noise variance (mm^2) this is the MAP estimate under the Gaussian code
-prior; ``reg = 0`` is plain least squares.
+with the template). This module builds, saves and loads them; they are used through
+:class:`cm3dmm.methods.FaceModel` (:func:`cm3dmm.methods.baseline_face`), so they are fitted,
+sampled and evaluated at upsampling levels by the same code as the continuous model
+(:mod:`cm3dmm.fit`; a discrete model's level points are barycentric interpolations of its
+decoded vertices).
 
 One self-describing file per model (``torch.save`` of a dict, loadable with
 ``weights_only=True``): ``method``, ``format_version``, ``config``, ``arrays`` (tensors),
@@ -46,60 +40,6 @@ EXACT_PCA_MAX = 6000
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_vertices(x: np.ndarray, n_vertices: int, what: str = "targets") -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim != 3 or x.shape[1:] != (n_vertices, 3):
-        raise ValueError(f"{what} must have shape (B, {n_vertices}, 3), got {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{what} contain NaN or infinite values")
-    return x
-
-
-def _rows(vertex_ids: np.ndarray | None, n_vertices: int) -> np.ndarray:
-    """Flattened coordinate indices (3 per vertex) of a vertex subset (all when None)."""
-    if vertex_ids is None:
-        return np.arange(3 * n_vertices)
-    ids = np.asarray(vertex_ids, dtype=np.int64)
-    if ids.ndim != 1 or len(ids) == 0 or ids.min() < 0 or ids.max() >= n_vertices:
-        raise ValueError(f"vertex_ids must be a non-empty 1-D array of indices < {n_vertices}")
-    return (3 * ids[:, None] + np.arange(3)).ravel()
-
-
-def interpolate_at(vertices: np.ndarray, faces: np.ndarray, tri: np.ndarray, bary: np.ndarray) -> np.ndarray:
-    """Barycentric interpolation of decoded vertices at points on the template.
-
-    vertices: (B, V, 3); faces: (F, 3) template triangles; tri: (P,) triangle ids; bary: (P, 3).
-    Returns (B, P, 3).
-    """
-    v = np.asarray(vertices)
-    tri = np.asarray(tri, dtype=np.int64)
-    bary = np.asarray(bary, dtype=np.float64)
-    if tri.ndim != 1 or bary.shape != (len(tri), 3):
-        raise ValueError(f"tri must be (P,) and bary (P, 3), got {tri.shape} and {bary.shape}")
-    if len(tri) and (tri.min() < 0 or tri.max() >= len(faces)):
-        raise ValueError(f"tri indexes triangle {int(tri.max())} of {len(faces)}")
-    corners = v[..., np.asarray(faces)[tri], :]  # (B, P, 3, 3)
-    return np.einsum("...pkc,pk->...pc", corners, bary).astype(v.dtype, copy=False)
-
-
-def _ridge_solve(a: np.ndarray, b: np.ndarray, reg: float, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """argmin_z |A z - b|^2 + reg |(z - mu) / sigma|^2 for A (N, D), b (N, K) -> z (D, K)."""
-    return _ridge_solve_gram(a.T @ a, a.T @ b, reg, mu, sigma)
-
-
-def _ridge_solve_gram(ata: np.ndarray, atb: np.ndarray, reg: float, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """The same from the normal-equation terms A^T A (D, D) and A^T b (D, K)."""
-    w = reg / sigma**2
-    lhs = ata + np.diag(w)
-    rhs = atb + (w * mu)[:, None]
-    try:
-        return np.linalg.solve(lhs, rhs)
-    except np.linalg.LinAlgError:  # singular without regularisation: minimum-norm solution
-        return np.linalg.lstsq(lhs, rhs, rcond=None)[0]
-
-
 def _leading_eigvecs(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (descending, k) and eigenvectors (n, k) of a symmetric PSD matrix."""
     lam, vec = np.linalg.eigh(gram)
@@ -210,29 +150,6 @@ class PCAModel(_Baseline):
         if c.ndim != 2 or c.shape[1] != self.dim:
             raise ValueError(f"codes must have shape (B, {self.dim}), got {c.shape}")
         return self.mean + np.einsum("bd,dvc->bvc", c, self.components)
-
-    def decode_at(self, codes: np.ndarray, tri: np.ndarray, bary: np.ndarray) -> np.ndarray:
-        """Decode and interpolate at template points (tri (P,), bary (P, 3)) -> (B, P, 3)."""
-        return interpolate_at(self.decode(codes), self.faces, tri, bary)
-
-    def fit(self, targets: np.ndarray, reg: float = 0.0, vertex_ids: np.ndarray | None = None) -> np.ndarray:
-        """Closed-form regularised least squares. targets (B, V, 3) -> codes (B, D).
-
-        Minimises ``|mean + C^T c - x|^2 + reg |c / std|^2`` over the coordinates of
-        ``vertex_ids`` (all by default): the normal equations
-        ``(C C^T + reg diag(1/std^2)) c = C (x - mean)`` solved exactly.
-        """
-        if reg < 0:
-            raise ValueError(f"reg must be >= 0, got {reg}")
-        x = _check_vertices(targets, self.n_vertices)
-        rows = _rows(vertex_ids, self.n_vertices)
-        a = self.components.reshape(self.dim, -1)[:, rows].astype(np.float64).T  # (N, D)
-        b = (x.reshape(len(x), -1) - self.mean.reshape(-1))[:, rows].T  # (N, B)
-        return _ridge_solve(a, b, reg, np.zeros(self.dim), np.maximum(self.std, 1e-12)).T
-
-    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """n random faces (n, V, 3): codes ~ N(0, diag(std^2))."""
-        return self.decode(rng.standard_normal((n, self.dim)) * self.std)
 
     def truncate(self, dim: int) -> "PCAModel":
         """The same model with its first ``dim`` components (PCA of a smaller latent size)."""
@@ -429,168 +346,6 @@ class BilinearModel(_Baseline):
                 raise ValueError(f"w_id has {len(a)} rows and w_exp {len(b)}")
         return self.mean + np.einsum("ba,bc,acvk->bvk", a, b, self.core)
 
-    def decode_at(self, w_id: np.ndarray, w_exp: np.ndarray, tri: np.ndarray, bary: np.ndarray) -> np.ndarray:
-        """Decode and interpolate at template points (tri (P,), bary (P, 3)) -> (B, P, 3)."""
-        return interpolate_at(self.decode(w_id, w_exp), self.faces, tri, bary)
-
-    def fit(
-        self,
-        targets: np.ndarray,
-        reg: float = 1e-3,
-        expressions: list[str] | None = None,
-        vertex_ids: np.ndarray | None = None,
-        max_iter: int = 100,
-        tol: float = 1e-9,
-        method: str = "lm",
-    ) -> "BilinearFit":
-        """Fit one subject's faces with a shared identity and one expression code per face.
-
-        targets: (E', V, 3) mm. Minimises the regularised objective of the module doc until its
-        relative decrease per iteration is below ``tol``. ``method="als"``: alternating ridge
-        least squares (each block solved exactly, so the objective never increases; slow in
-        the nearly flat identity/expression scale direction); ``"lm"`` (default): one ALS
-        sweep, then Levenberg-Marquardt on all codes jointly (Gauss-Newton matrix assembled
-        from the cached core Gram, so an iteration costs O(n Di^2 De^2), independent of V).
-        Initial codes: the training means, or the training weights of the named
-        ``expressions`` when given and known.
-        """
-        if reg < 0:
-            raise ValueError(f"reg must be >= 0, got {reg}")
-        x = _check_vertices(targets, self.n_vertices)
-        n = len(x)
-        Di, De = self.id_dim, self.exp_dim
-        rows = _rows(vertex_ids, self.n_vertices)
-        flat = self.core.reshape(Di * De, -1)
-        if vertex_ids is not None:
-            flat = flat[:, rows]
-        r = (x.reshape(n, -1) - self.mean.reshape(-1))[:, rows]  # (n, N)
-        # Everything the iterations need, once: K[a, c, a', c'] = <core_ac, core_a'c'> and
-        # R[a, c, j] = <core_ac, r_j>; an iteration then costs O(n Di^2 De^2), not O(N).
-        gram = self._core_gram() if vertex_ids is None else (flat @ flat.T)
-        K = gram.reshape(Di, De, Di, De)
-        R = (flat @ r.T).reshape(Di, De, n)
-        rr = float((r**2).sum())
-        st = self.code_stats
-        mu_i, sd_i = st["id"]["mean"], st["id"]["std"]
-        mu_e, sd_e = st["exp"]["mean"], st["exp"]["std"]
-        w_id = mu_i.copy()
-        w_exp = np.repeat(mu_e[None], n, 0)
-        if expressions is not None:
-            if len(expressions) != n:
-                raise ValueError(f"{len(expressions)} expression names for {n} targets")
-            known = {e: k for k, e in enumerate(self.expressions)}
-            for j, e in enumerate(expressions):
-                if e in known:
-                    w_exp[j] = self.exp_weights[known[e]]
-
-        k_id = K.transpose(0, 2, 1, 3).reshape(Di * Di, De * De)  # contracts expression pairs
-        k_exp = K.transpose(1, 3, 0, 2).reshape(De * De, Di * Di)  # contracts identity pairs
-
-        def objective(wi, we) -> float:
-            # |pred_j - r_j|^2 = (wi x we_j)^T K (wi x we_j) - 2 (wi x we_j) . R_j + |r_j|^2
-            kb = (k_exp @ np.outer(wi, wi).ravel()).reshape(De, De)
-            quad = float(np.einsum("jc,cd,jd->", we, kb, we))
-            lin = float((np.tensordot(wi, R, axes=(0, 0)).T * we).sum())
-            prior = (((wi - mu_i) / sd_i) ** 2).sum() + (((we - mu_e) / sd_e) ** 2).sum()
-            return float(max(quad - 2 * lin + rr, 0.0) + reg * prior)
-
-        w_pr = np.concatenate([np.full(Di, reg) / sd_i**2, np.tile(reg / sd_e**2, n)])  # prior weights
-        mu_all = np.concatenate([mu_i, np.tile(mu_e, n)])
-
-        def normal_terms(wi, we):
-            """Gauss-Newton matrix H and gradient g (halved) of the objective at (wi, we)."""
-            ata = (k_id @ (we.T @ we).ravel()).reshape(Di, Di)
-            atb = np.einsum("acj,jc->a", R, we)
-            btb = (k_exp @ np.outer(wi, wi).ravel()).reshape(De, De)
-            btr = np.tensordot(wi, R, axes=(0, 0))  # (De, n)
-            t = np.tensordot(K, wi, axes=(2, 0))  # (Di, De, De): [a, c, d]
-            cross = np.einsum("acd,jc->ajd", t, we).reshape(Di, n * De)  # A_j^T B side by side
-            h = np.zeros((Di + n * De, Di + n * De))
-            h[:Di, :Di] = ata
-            h[:Di, Di:] = cross
-            h[Di:, :Di] = cross.T
-            for j in range(n):
-                sl = slice(Di + j * De, Di + (j + 1) * De)
-                h[sl, sl] = btb
-            p = np.concatenate([wi, we.ravel()])
-            g = np.concatenate([ata @ wi - atb, (we @ btb - btr.T).ravel()]) + w_pr * (p - mu_all)
-            h[np.diag_indices_from(h)] += w_pr
-            return h, g
-
-        prev = objective(w_id, w_exp)
-        it = 0
-        converged = False
-        if method == "als":
-            for it in range(1, max_iter + 1):
-                # identity step: x_j - mean = A_j w_id with A_j[:, a] = sum_c core_ac w_exp_jc
-                ata = (k_id @ (w_exp.T @ w_exp).ravel()).reshape(Di, Di)
-                atb = np.einsum("acj,jc->a", R, w_exp)[:, None]
-                w_id = _ridge_solve_gram(ata, atb, reg, mu_i, sd_i)[:, 0]
-                # expression step (per face): x_j - mean = B w_exp_j, B[:, c] = sum_a core_ac w_id_a
-                btb = (k_exp @ np.outer(w_id, w_id).ravel()).reshape(De, De)
-                btr = np.tensordot(w_id, R, axes=(0, 0))  # (De, n)
-                w_exp = _ridge_solve_gram(btb, btr, reg, mu_e, sd_e).T  # (n, De)
-                cur = objective(w_id, w_exp)
-                if prev - cur <= tol * max(prev, 1e-300):
-                    converged = True
-                    prev = min(prev, cur)
-                    break
-                prev = cur
-        elif method == "lm":
-            # one exact ALS sweep as a start, then Levenberg-Marquardt on all codes jointly
-            ata = (k_id @ (w_exp.T @ w_exp).ravel()).reshape(Di, Di)
-            w_id = _ridge_solve_gram(ata, np.einsum("acj,jc->a", R, w_exp)[:, None], reg, mu_i, sd_i)[:, 0]
-            btb = (k_exp @ np.outer(w_id, w_id).ravel()).reshape(De, De)
-            w_exp = _ridge_solve_gram(btb, np.tensordot(w_id, R, axes=(0, 0)), reg, mu_e, sd_e).T
-            prev = objective(w_id, w_exp)
-            lam = 1e-4
-            for it in range(1, max_iter + 1):
-                h, g = normal_terms(w_id, w_exp)
-                diag = np.diag(h).copy()
-                improved = False
-                for _ in range(30):
-                    try:
-                        step = np.linalg.solve(h + lam * np.diag(np.maximum(diag, 1e-12)), -g)
-                    except np.linalg.LinAlgError:
-                        lam *= 10
-                        continue
-                    wi_new = w_id + step[:Di]
-                    we_new = w_exp + step[Di:].reshape(n, De)
-                    cur = objective(wi_new, we_new)
-                    if cur <= prev:
-                        improved = True
-                        break
-                    lam *= 4
-                if not improved:
-                    converged = True  # no descent step left at any damping: a minimum
-                    break
-                w_id, w_exp = wi_new, we_new
-                lam = max(lam / 3, 1e-12)
-                done = prev - cur <= tol * max(prev, 1e-300)
-                prev = cur
-                if done:
-                    converged = True
-                    break
-        else:
-            raise ValueError(f"method must be 'lm' or 'als', got {method!r}")
-        return BilinearFit(w_id=w_id, w_exp=w_exp, objective=prev, iterations=it, converged=converged)
-
-    def _core_gram(self) -> np.ndarray:
-        """(Di De, Di De) inner products of the core's slices (computed once, cached)."""
-        cached = getattr(self, "_gram_cache", None)
-        if cached is None or cached[0] is not self.core:
-            flat = self.core.reshape(self.id_dim * self.exp_dim, -1)
-            cached = (self.core, flat @ flat.T)
-            object.__setattr__(self, "_gram_cache", cached)
-        return cached[1]
-
-    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """n random faces (n, V, 3): weights ~ independent Gaussians with the training statistics."""
-        st = self.code_stats
-        w_id = st["id"]["mean"] + rng.standard_normal((n, self.id_dim)) * st["id"]["std"]
-        w_exp = st["exp"]["mean"] + rng.standard_normal((n, self.exp_dim)) * st["exp"]["std"]
-        return self.decode(w_id, w_exp)
-
     def _arrays(self) -> dict[str, np.ndarray]:
         return {
             "mean": self.mean.astype(np.float32), "core": self.core.astype(np.float32),
@@ -620,17 +375,6 @@ class BilinearModel(_Baseline):
             train_index=[tuple(x) for x in p["train_index"]], template_hash=p["template_hash"],
             config=dict(p["config"]),
         )
-
-
-@dataclass
-class BilinearFit:
-    """Result of :meth:`BilinearModel.fit`."""
-
-    w_id: np.ndarray  #: (Di,) shared identity weights
-    w_exp: np.ndarray  #: (E', De) expression weights per target face
-    objective: float  #: final regularised objective (mm^2)
-    iterations: int
-    converged: bool
 
 
 def _impute_initial(t: np.ndarray, observed: np.ndarray, iters: int = 10) -> np.ndarray:
@@ -868,6 +612,6 @@ def run_train_baseline(cfg, method: str) -> Path:
 
 
 __all__ = [
-    "BASELINES", "PCAModel", "BilinearModel", "BilinearFit", "fit_pca", "fit_bilinear", "interpolate_at",
+    "BASELINES", "PCAModel", "BilinearModel", "fit_pca", "fit_bilinear",
     "load_baseline", "train_baseline", "run_train_baseline", "summary_path",
 ]

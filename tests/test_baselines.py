@@ -1,9 +1,10 @@
-"""PCA and bilinear baselines: exactness on synthetic low-rank data, fits vs normal equations,
-Tucker recovery, persistence and error handling."""
+"""PCA and bilinear baselines: exactness on synthetic low-rank data, fits (through the FaceModel
+interface and cm3dmm.fit, as every stage fits them) vs normal equations, Tucker recovery,
+level points, persistence and error handling."""
 
 from __future__ import annotations
 
-import dataclasses
+import types
 
 import numpy as np
 import pytest
@@ -14,12 +15,13 @@ from cm3dmm.baselines import (
     PCAModel,
     fit_bilinear,
     fit_pca,
-    interpolate_at,
     load_baseline,
     train_baseline,
 )
-from cm3dmm.config import BaselineConfig
+from cm3dmm.config import BaselineConfig, FitConfig
 from cm3dmm.errors import InputError
+from cm3dmm.fit import fit_registered
+from cm3dmm.methods import baseline_face
 from cm3dmm.registered import RegisteredData
 
 V = 40
@@ -81,36 +83,40 @@ def test_pca_explained_variance_matches_svd():
     np.testing.assert_allclose(np.abs(np.einsum("dvc,dvc->d", m.components, m2.components)), 1, atol=1e-8)
 
 
+def _fit(model, targets, **fit_cfg):
+    """Fit through the path every stage uses: the model as a FaceModel, cm3dmm.fit.fit_registered."""
+    return fit_registered(baseline_face(model), targets, FitConfig(loss="squared", **fit_cfg))
+
+
 def test_pca_fit_equals_normal_equations():
     x = _low_rank(30, rank=8, seed=5)
     m = fit_pca(x, FACES, 5)
     targets = _low_rank(3, rank=8, seed=6)
     C = m.components.reshape(m.dim, -1)
     for reg in (0.0, 0.7, 25.0):
-        codes = m.fit(targets, reg=reg)
+        res = _fit(m, targets, prior_weight=reg)
+        assert not res.shared_identity and res.z_exp.shape == (3, 0)
         for b in range(3):
-            lhs = C @ C.T + reg * np.diag(1 / m.std**2)
-            rhs = C @ (targets[b] - m.mean).reshape(-1)
-            np.testing.assert_allclose(codes[b], np.linalg.solve(lhs, rhs), rtol=1e-9, atol=1e-9)
-    # partial observation: the normal equations on a vertex subset
-    ids = np.arange(0, V, 3)
-    rows = (3 * ids[:, None] + np.arange(3)).ravel()
-    codes = m.fit(targets, reg=0.5, vertex_ids=ids)
-    Cs = C[:, rows]
-    ref = np.linalg.solve(Cs @ Cs.T + 0.5 * np.diag(1 / m.std**2), Cs @ (targets[0] - m.mean).reshape(-1)[rows])
-    np.testing.assert_allclose(codes[0], ref, rtol=1e-9)
-    # a face the model generated is recovered exactly without regularisation
+            # normal equations of (1/V) |mean + C^T z - t|^2 + reg |z / std|^2 (the prior's mean is
+            # the training codes' mean, zero up to round-off)
+            lhs = C @ C.T / V + reg * np.diag(1 / m.std**2)
+            rhs = C @ (targets[b] - m.mean).reshape(-1) / V
+            np.testing.assert_allclose(res.z_id[b], np.linalg.solve(lhs, rhs), rtol=1e-4, atol=1e-4)
+    # a face the model generated is recovered (float32 storage of the basis) without regularisation
     z = np.random.default_rng(7).normal(size=(2, m.dim)) * m.std
-    np.testing.assert_allclose(m.fit(m.decode(z)), z, atol=1e-9)
+    res = _fit(m, m.decode(z), prior_weight=0.0)
+    np.testing.assert_allclose(res.z_id, z, atol=1e-3 * m.std.max())
+    assert res.errors.max() < 1e-3
 
 
-def test_pca_sample_and_truncate():
+def test_pca_truncate():
     m = fit_pca(_low_rank(30, rank=5), FACES, 5)
-    s = m.sample(4000, np.random.default_rng(0))
-    codes = m.fit(s)
-    np.testing.assert_allclose(codes.std(0), m.std, rtol=0.06)
     t = m.truncate(2)
-    assert t.dim == 2 and np.array_equal(t.components, m.components[:2])
+    assert t.dim == 2 and t.dim_requested == 2 and np.array_equal(t.components, m.components[:2])
+    np.testing.assert_array_equal(t.train_codes, m.train_codes[:, :2])
+    np.testing.assert_array_equal(t.std, m.std[:2])
+    with pytest.raises(ValueError):
+        m.truncate(0)
 
 
 # --------------------------------------------------------------------------- bilinear
@@ -136,45 +142,44 @@ def test_bilinear_fit_recovers_generated_subject():
     w_id = st["id"]["mean"] + rng.normal(size=3) * st["id"]["std"]
     w_exp = st["exp"]["mean"] + rng.normal(size=(4, 3)) * st["exp"]["std"]
     target = m.decode(w_id, w_exp)  # (4, V, 3): one subject, four expressions
-    fit = m.fit(target, reg=1e-9, max_iter=500, tol=1e-14)
-    err = np.abs(m.decode(fit.w_id, fit.w_exp) - target).max()
+    res = _fit(m, target, prior_weight=1e-12, max_iter=500, tol=1e-14)
+    assert res.shared_identity
+    err = np.abs(res.vertices - target).max()
     assert err < 1e-3, err
-    assert fit.iterations >= 2
-    # the objective never increases over ALS steps: more iterations never hurt
-    short = m.fit(target, reg=1e-9, max_iter=2, method="als")
-    longer = m.fit(target, reg=1e-9, max_iter=20, method="als")
-    assert longer.objective <= short.objective
+    assert res.info.iterations >= 2
+    # alternating least squares never increases the objective: more sweeps never hurt
+    short = _fit(m, target, prior_weight=1e-9, max_iter=2)
+    longer = _fit(m, target, prior_weight=1e-9, max_iter=20)
+    assert longer.info.objective <= short.info.objective
+    assert longer.info.history == sorted(longer.info.history, reverse=True)
 
 
 def test_bilinear_fit_objective_and_methods_agree():
-    """The reported objective equals the objective computed directly from decoded faces, and
-    LM reaches at least ALS's minimum on a noisy target (nothing generated exactly)."""
+    """The reported objective equals the objective computed directly from the decoded faces and
+    the training code statistics; alternating least squares (the ``lm`` optimizer of a bilinear
+    model with the squared loss) and L-BFGS reach the same minimum on a noisy target (nothing
+    generated exactly). ALS stops when a sweep no longer lowers the float32-decoded objective:
+    measured 0.019 % above L-BFGS's minimum here, so the bound is 0.05 %."""
     x, subj, expr, _ = _tucker_data(n_id=8, n_exp=6, di=3, de=3, seed=4)
     m = fit_bilinear(x, subj, expr, FACES, id_dim=2, exp_dim=2)  # truncated: residual stays
     target = x[:6] + np.random.default_rng(5).normal(0, 0.5, (6, V, 3))
-    reg = 3.0
+    reg = 3e-2
     st = m.code_stats
-    for method in ("lm", "als"):
-        r = m.fit(target, reg=reg, method=method, max_iter=2000, tol=1e-13)
-        direct = ((m.decode(r.w_id, r.w_exp) - target) ** 2).sum() + reg * (
-            (((r.w_id - st["id"]["mean"]) / st["id"]["std"]) ** 2).sum()
-            + (((r.w_exp - st["exp"]["mean"]) / st["exp"]["std"]) ** 2).sum())
-        assert r.objective == pytest.approx(direct, rel=1e-8)
-        if method == "lm":
-            lm = r
-    assert lm.converged and lm.iterations < 50
-    assert lm.objective <= r.objective * (1 + 1e-9)
-    # a vertex-subset fit equals the fit of the model restricted to those vertices
-    ids = np.arange(0, V, 2)
-    sub = m.fit(target, reg=reg, vertex_ids=ids)
-    small = dataclasses.replace(m, mean=m.mean[ids], core=m.core[:, :, ids], faces=FACES[:1] * 0)
-    ref = small.fit(target[:, ids], reg=reg)
-    np.testing.assert_allclose(sub.w_exp, ref.w_exp, atol=1e-8)
-    assert sub.objective == pytest.approx(ref.objective, rel=1e-10)
-    assert not np.allclose(sub.w_exp, lm.w_exp, atol=1e-3)
+    fits = {}
+    for optimizer in ("lm", "lbfgs"):
+        r = _fit(m, target, prior_weight=reg, optimizer=optimizer, max_iter=2000, tol=1e-13)
+        direct = (((r.vertices - target) ** 2).sum(-1).mean(-1)).sum() + reg * (
+            (((r.z_id[0] - st["id"]["mean"]) / st["id"]["std"]) ** 2).sum()
+            + (((r.z_exp - st["exp"]["mean"]) / st["exp"]["std"]) ** 2).sum())
+        assert r.info.objective == pytest.approx(direct, rel=1e-5)
+        fits[optimizer] = r
+    assert fits["lm"].info.converged
+    assert fits["lbfgs"].info.objective <= fits["lm"].info.objective <= fits["lbfgs"].info.objective * (1 + 5e-4)
     # ridge pulls towards the training mean code
-    strong = m.fit(target, reg=1e12)
-    np.testing.assert_allclose(strong.w_id, st["id"]["mean"], atol=1e-3 * st["id"]["std"].max() + 1e-3)
+    strong = _fit(m, target, prior_weight=1e12)
+    np.testing.assert_allclose(strong.z_id[0], st["id"]["mean"], atol=1e-3 * st["id"]["std"].max() + 1e-3)
+    np.testing.assert_allclose(strong.z_exp, np.repeat(st["exp"]["mean"][None], 6, 0),
+                               atol=1e-3 * st["exp"]["std"].max() + 1e-3)
 
 
 def test_bilinear_imputes_missing_pairs():
@@ -192,18 +197,26 @@ def test_bilinear_imputes_missing_pairs():
         assert np.abs(pred - x[k]).max() < 1e-2 * np.abs(x[k] - m.mean).max()
 
 
-def test_decode_at_interpolates():
+def test_level_points_interpolate_the_decoded_vertices():
+    """A baseline's upsampling-level points (FaceModel.mesh) are the barycentric mixes of its
+    decoded vertices, checked point by point."""
     m = fit_pca(_low_rank(20, rank=3), FACES, 3)
-    z = m.train_codes[:2]
     tri = np.array([0, 5, 5])
     bary = np.array([[1, 0, 0], [0.2, 0.3, 0.5], [1 / 3, 1 / 3, 1 / 3]])
-    out = m.decode_at(z, tri, bary)
-    full = m.decode(z)
+    lv_faces = np.array([[0, 1, 2]])
+    level = types.SimpleNamespace(tri=tri, bary=bary, faces=lv_faces)
+    fm = baseline_face(m, types.SimpleNamespace(levels=[level, level], landmarks={}))
+    z = torch.tensor(m.train_codes[:2], dtype=torch.float32)
+    ze = torch.zeros(2, 0)
+    out, faces = fm.mesh(z, ze, level=1)
+    full = fm.vertices(z, ze)
+    np.testing.assert_allclose(full, m.decode(m.train_codes[:2]), atol=1e-3)  # float32 storage
     ref = np.stack([sum(bary[p, k] * full[:, FACES[tri[p], k]] for k in range(3)) for p in range(3)], 1)
     np.testing.assert_allclose(out, ref, atol=1e-10)
     np.testing.assert_allclose(out[:, 0], full[:, 0])
-    with pytest.raises(ValueError):
-        interpolate_at(full, FACES, np.array([len(FACES)]), np.ones((1, 3)) / 3)
+    np.testing.assert_array_equal(faces, lv_faces)
+    with pytest.raises(InputError, match="level 2 does not exist"):
+        fm.mesh(z, ze, level=2)
 
 
 # --------------------------------------------------------------------------- files
