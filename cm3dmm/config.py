@@ -11,7 +11,6 @@ Every field has a docstring-style comment; the YAML files in ``config/`` show th
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import types
@@ -410,9 +409,7 @@ def _check_config(cfg: "Config") -> None:
     bad = [m for m in cfg.baselines.methods if m not in ("pca", "bilinear")]
     if bad or len(set(cfg.baselines.methods)) != len(cfg.baselines.methods):
         _fail("baselines.methods", f"expected distinct names of ['pca', 'bilinear'], got {cfg.baselines.methods!r}")
-    sf = getattr(cfg, "scan_fits", None)
-    if sf is None:
-        return
+    sf = cfg.scan_fits
     known = ("full", "normals", "frontal", "side", "mouth-hole")
     bad = [v for v in sf.variants if v not in known]
     if bad:
@@ -674,7 +671,3 @@ def config_subset(values: dict, keys) -> dict:
 def config_to_dict(cfg) -> dict:
     """The plain-dict form of a config (for model files, JSON and YAML dumps)."""
     return dataclasses.asdict(cfg)
-
-
-def config_to_json(cfg) -> str:
-    return json.dumps(config_to_dict(cfg), sort_keys=True)

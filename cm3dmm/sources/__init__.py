@@ -2,12 +2,11 @@
 
 ``anny`` (embedded default), ``ict`` (ICT-FaceKit), ``facescape`` (FaceScape v1.3 TU models),
 ``manifest`` (a CSV of registered meshes). Every source's ``load(cfg_section)`` marks all
-samples ``train``; :func:`assign_split` then assigns splits by subject.
+samples ``train`` (:func:`cm3dmm.prepare.load_data` calls it); :func:`assign_split` then
+assigns splits by subject.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import numpy as np
 
@@ -15,15 +14,6 @@ from cm3dmm.errors import InputError
 from cm3dmm.registered import RegisteredData
 
 SOURCES = ("anny", "ict", "facescape", "manifest")
-
-
-def load_source(data_cfg) -> RegisteredData:
-    """Load ``data_cfg.source`` with its own config section (imports the source lazily)."""
-    name = data_cfg.source
-    if name not in SOURCES:
-        raise InputError(f"data.source: {name!r} is not one of {list(SOURCES)}")
-    module = importlib.import_module(f"cm3dmm.sources.{name}")
-    return module.load(getattr(data_cfg, name))
 
 
 def assign_split(data: RegisteredData, split_cfg) -> RegisteredData:

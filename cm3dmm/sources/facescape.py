@@ -353,7 +353,7 @@ def load_checked(cfg) -> tuple[RegisteredData, FaceScapeCheck]:
 
 def _read_scans(cfg, chk: FaceScapeCheck, scale: float) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
     """The detail scans of the found faces (``cfg.scans``), keyed by the face's position, in mm."""
-    folder = getattr(cfg, "scans", "")
+    folder = cfg.scans
     if not folder:
         return {}
     root = Path(folder)
