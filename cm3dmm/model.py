@@ -51,6 +51,25 @@ FORMAT_VERSION = 1
 __all__ = ["ContinuousModel", "UVContext", "save_model", "load_model", "METHOD"]
 
 
+#: a located point whose largest barycentric coordinate is within this of 1 is the triangle's corner
+#: vertex: float32 UVs of a vertex (the sample cache stores them so) locate a few 1e-6 off the corner,
+#: which would otherwise make a vertex query read the smooth fit's whole neighbourhood (and the residual
+#: evaluate the decoder at all of it). Snapping moves a point by at most this times an edge (~1e-4 mm).
+VERTEX_SNAP = 1e-5
+
+
+def _snap_to_vertices(bary: np.ndarray) -> np.ndarray:
+    """Barycentrics (N, 3) with rows within :data:`VERTEX_SNAP` of a corner made that corner exactly."""
+    k = np.argmax(bary, axis=1)
+    snap = bary[np.arange(len(bary)), k] >= 1.0 - VERTEX_SNAP
+    if not snap.any():
+        return bary
+    out = bary.copy()
+    out[snap] = 0.0
+    out[np.flatnonzero(snap), k[snap]] = 1.0
+    return out
+
+
 def _prune(idx: np.ndarray, w: np.ndarray, eps: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
     """Drop the entries of (index, weight) rows that are ~0 in every row (a vertex query keeps one
     entry): rows sorted by |weight|, cut to the widest row's count of non-negligible weights."""
@@ -195,11 +214,20 @@ class ContinuousModel(nn.Module):
     def points_at(self, tri, bary, uv: torch.Tensor | None = None) -> Points:
         """:class:`Points` of template points given as triangle ids (N,) + barycentrics (N, 3)."""
         tri = np.asarray(tri.cpu() if hasattr(tri, "cpu") else tri, np.int64)
-        bary = np.asarray(bary.detach().cpu() if hasattr(bary, "detach") else bary, np.float64)
+        bary = _snap_to_vertices(np.asarray(bary.detach().cpu() if hasattr(bary, "detach") else bary, np.float64))
         faces = np.asarray(self._template.faces, np.int64)
         uv_np = None if uv is None else uv.detach().reshape(-1, 2).cpu().numpy().astype(np.float64)
         if self._smooth is not None:
-            idx, w = self._smooth.weights(tri, bary, uv_np)
+            corner = np.argmax(bary, axis=1)
+            at_vertex = bary[np.arange(len(bary)), corner] == 1.0
+            if at_vertex.all():  # vertex queries (training samples, fits): the vertex's own value
+                idx, w = faces[tri, corner][:, None], np.ones((len(bary), 1))
+            else:
+                idx, w = self._smooth.weights(tri, bary, uv_np)
+                if at_vertex.any():  # the same, exactly, for the rows at vertices
+                    idx[at_vertex] = faces[tri, corner][at_vertex, None]
+                    w[at_vertex] = 0.0
+                    w[at_vertex, 0] = 1.0
         else:
             idx, w = faces[tri], bary
         idx, w = _prune(idx, w)

@@ -230,6 +230,44 @@ def test_basis_model_at_vertices_and_fitting_context(template):
         m.precompute(torch.tensor([[0.31, 0.42]]))
 
 
+def test_vertex_queries_from_float32_uvs_read_one_vertex(template):
+    """Training samples are template vertices whose UVs the cache stores as float32: located, they land a
+    few 1e-7 off the corner; they must read that vertex alone (one weight of 1), like the exact UVs, and
+    mixed batches (vertices and points between them) agree with the naive reference row by row."""
+    from cm3dmm.model import VERTEX_SNAP
+
+    m = basis_model(template)
+    uv32 = torch.as_tensor(np.asarray(template.uv, np.float32))
+    pts = m.points(uv32)
+    assert pts.index.shape[1] == 1
+    np.testing.assert_array_equal(pts.index[:, 0].numpy(), np.arange(template.n_vertices))
+    np.testing.assert_array_equal(pts.weight.numpy(), 1.0)
+    # the float32 UVs do locate off the corners (else this test would not test the snap)
+    tri, bary, _ = template.locator.locate(uv32.numpy().astype(np.float64))
+    assert (bary.max(1) < 1.0).any() and (bary.max(1) >= 1.0 - VERTEX_SNAP).all()
+    g = torch.Generator().manual_seed(7)
+    zi, ze = torch.randn(2, 4, generator=g), torch.randn(2, 3, generator=g)
+    faces = np.asarray(template.faces)
+    tri2, b2, q2 = random_points(np.asarray(template.uv, np.float64), faces, k=15, seed=8)
+    uv_mix = torch.cat([uv32[:10], torch.as_tensor(q2, dtype=torch.float32)])
+    got = m.decode(uv_mix, zi, ze)
+    ref_v = naive_decode(m, *_corner_points(faces, np.arange(10)), zi, ze)
+    np.testing.assert_allclose(got[:, :10].numpy(), ref_v.numpy(), atol=1e-4)
+    np.testing.assert_allclose(got[:, 10:].numpy(), naive_decode(m, tri2, b2, q2, zi, ze).numpy(), atol=1e-4)
+    # a point just beyond the snap tolerance is interpolated, not snapped
+    t0 = 0
+    b_far = np.array([[1.0 - 10 * VERTEX_SNAP, 10 * VERTEX_SNAP, 0.0]])
+    far = m.points_at(np.array([t0]), b_far)
+    assert far.index.shape[1] > 1
+
+
+def _corner_points(faces, vertices):
+    """(triangle, barycentrics, uv=None) of template vertices: a triangle holding each, one-hot weights."""
+    tri = np.array([int(np.flatnonzero((faces == v).any(1))[0]) for v in vertices])
+    bary = (faces[tri] == np.asarray(vertices)[:, None]).astype(np.float64)
+    return tri, bary, None
+
+
 def test_smooth_mesh_levels_between_vertices(template):
     """Level points lie on the smooth surface: the naive reference at their (triangle, barycentrics)."""
     m = basis_model(template, smoothness=1.0)
