@@ -85,3 +85,22 @@ def test_shape_measures():
     assert "line" in shape_problem(_line() + rng.normal(0, 0.5, (300, 3)))
     assert "plane" in shape_problem(_plane(rng))
     assert shape_problem(_ball(rng)) is None  # a surface, not flat: coverage decides
+
+
+def test_dense_noisy_face_is_a_surface(face):
+    """A dense face cloud (200k points, spacing far below the noise) is a surface, not a volume:
+    the local test runs on LOCAL_POINTS points (on all 200k the median thickness reads 0.16 > 0.12)."""
+    from cm3dmm.scancheck import LOCAL_POINTS
+
+    mean, tri, pts = face
+    rng = np.random.default_rng(4)
+    a, b, c = (mean[tri[:, i]] for i in range(3))
+    area = np.linalg.norm(np.cross(b - a, c - a), axis=1)
+    t = rng.choice(len(tri), 200_000, p=area / area.sum())
+    r1, r2 = np.sqrt(rng.random(len(t))), rng.random(len(t))
+    dense = (1 - r1)[:, None] * a[t] + (r1 * (1 - r2))[:, None] * b[t] + (r1 * r2)[:, None] * c[t]
+    dense += rng.normal(0, 0.5, dense.shape)
+    assert len(dense) > 10 * LOCAL_POINTS
+    assert shape_problem(dense) is None
+    noise = rng.uniform(-80, 80, (200_000, 3))
+    assert "fill a volume" in shape_problem(noise)
