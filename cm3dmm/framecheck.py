@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cm3dmm.errors import InputError
+from cm3dmm.geometry import even_indices
 
 #: meshes (evenly spread over the dataset) whose per-vertex median is the reference shape
 REFERENCE_SAMPLES = 101
@@ -67,7 +68,7 @@ def frame_statistics(vertices: np.ndarray, subject: list[str] | None = None,
     reference's RMS radius, data units)."""
     v = np.asarray(vertices)
     S, V, _ = v.shape
-    pick = np.unique(np.linspace(0, S - 1, min(S, reference_samples)).round().astype(np.int64))
+    pick = even_indices(S, reference_samples)
     sub = v[pick].astype(np.float64)
     cent_sub = sub.mean(axis=1, keepdims=True)
     ref = np.median(sub - cent_sub, axis=0)  # (V, 3)

@@ -1,9 +1,11 @@
-"""Pure geometry on triangle meshes (numpy): areas, area-weighted surface sampling,
-barycentric interpolation and exact closest-point projection onto a mesh.
+"""Pure geometry on triangle meshes (numpy): edges, boundary vertices and loops, areas,
+area-weighted surface sampling, barycentric interpolation, exact closest-point projection
+onto a mesh, and indices spread evenly over a range.
 
 Everything here takes plain arrays and returns plain arrays (or small named tuples); it is
-used by the sample cache, the metrics (point-to-surface distances) and scan fitting.
-Shapes: ``V`` vertices, ``F`` triangles, ``M`` query points.
+used by the data sources, the UV unwrap and upsampling, the sample cache, the metrics
+(point-to-surface distances) and scan fitting. Shapes: ``V`` vertices, ``F`` triangles,
+``M`` query points.
 """
 
 from __future__ import annotations
@@ -31,6 +33,77 @@ def _check_mesh(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np
     return vertices, faces
 
 
+# --------------------------------------------------------------------------- topology
+def unique_edges(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Undirected edges of a triangle mesh.
+
+    faces: (F, 3) int. Returns ``edges (E, 2)`` int64 with ``edges[:, 0] < edges[:, 1]``
+    sorted lexicographically, ``face_edges (F, 3)`` int64 (edge of the side opposite each
+    corner) and ``counts (E,)`` (number of triangles per edge).
+    """
+    f = np.asarray(faces, dtype=np.int64)
+    if f.ndim != 2 or f.shape[1] != 3:
+        raise ValueError(f"faces must have shape (F, 3), got {f.shape}")
+    # side opposite corner k joins corners k+1 and k+2
+    a = f[:, [1, 2, 0]].ravel()
+    b = f[:, [2, 0, 1]].ravel()
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    n = int(f.max()) + 1 if f.size else 0
+    keys = lo * n + hi
+    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    edges = np.stack([uniq // max(n, 1), uniq % max(n, 1)], axis=1)
+    return edges, inverse.reshape(-1, 3), counts
+
+
+def boundary_vertices(faces: np.ndarray, n_vertices: int | None = None) -> np.ndarray:
+    """(n_vertices,) bool: vertices on an edge used by exactly one triangle (``n_vertices``
+    defaults to the largest index + 1)."""
+    edges, _, counts = unique_edges(faces)
+    n = int(np.max(faces)) + 1 if n_vertices is None else int(n_vertices)
+    out = np.zeros(n, bool)
+    out[edges[counts == 1].ravel()] = True
+    return out
+
+
+def boundary_loops(faces: np.ndarray) -> list[np.ndarray]:
+    """Boundary loops of a consistently oriented manifold triangle mesh, each an int64 array
+    of vertex ids ordered along the triangles' orientation.
+
+    A boundary edge is used by exactly one triangle. Loops are listed in the order their first
+    boundary half-edge appears (triangle by triangle, sides ``(0, 1), (1, 2), (2, 0)``), each
+    starting at that half-edge. A vertex on two boundary loops (non-manifold) is a ValueError.
+    """
+    f = np.asarray(faces, dtype=np.int64)
+    _, face_edges, counts = unique_edges(f)
+    # half-edges f0 -> f1, f1 -> f2, f2 -> f0 of each triangle: the sides opposite corners 2, 0, 1
+    on_boundary = (counts[face_edges[:, [2, 0, 1]]] == 1).ravel()
+    a = f.ravel()[on_boundary]
+    b = f[:, [1, 2, 0]].ravel()[on_boundary]
+    if len(np.unique(a)) != len(a):
+        raise ValueError("boundary is not a set of simple loops (non-manifold vertex)")
+    nxt = dict(zip(a.tolist(), b.tolist()))
+    loops, seen = [], set()
+    for start in a.tolist():
+        if start in seen:
+            continue
+        loop, v = [], start
+        while v not in seen:
+            seen.add(v)
+            loop.append(v)
+            v = nxt[v]
+        loops.append(np.array(loop, dtype=np.int64))
+    return loops
+
+
+def even_indices(n: int, k: int) -> np.ndarray:
+    """Up to ``k`` indices spread evenly over ``range(n)``: the rounded points of
+    ``linspace(0, n - 1, k)``, sorted, without repeats (all ``n`` when k <= 0 or k >= n)."""
+    if k <= 0 or k >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
+
+
+# --------------------------------------------------------------------------- measures
 def triangle_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Areas of the triangles.
 

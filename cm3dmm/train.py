@@ -73,6 +73,7 @@ from torch import nn
 
 from cm3dmm.config import Config, config_to_dict
 from cm3dmm.errors import InputError, StageError
+from cm3dmm.geometry import even_indices
 from cm3dmm.io.atomic import atomic_path, atomic_write_text
 from cm3dmm.losses import paper_loss, release_pairs, training_loss
 from cm3dmm.model import METHOD, ContinuousModel, save_model
@@ -216,13 +217,6 @@ def batch_faces(seed: int, step: int, batch: int, n: int) -> tuple[np.ndarray, n
         sel = epochs == epoch
         out[sel] = _epoch_order(seed, int(epoch), n)[pos[sel] % n]
     return out, epochs
-
-
-def _val_positions(n: int, k: int) -> np.ndarray:
-    """Up to ``k`` face positions spread evenly over ``range(n)`` (all when k <= 0 or k >= n)."""
-    if k <= 0 or k >= n:
-        return np.arange(n, dtype=np.int64)
-    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
 
 
 # ---------------------------------------------------------------------------- the trained module
@@ -626,7 +620,7 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
 
         ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    val_pos = _val_positions(data.n, tc.val_faces)
+    val_pos = even_indices(data.n, tc.val_faces)
     n_vertex, n_continuous = data.point_counts(tc.vertex_points, tc.continuous_points)
     if (n_vertex, n_continuous) != (tc.vertex_points, tc.continuous_points):
         log.warning("the cache stores %d vertices and %d continuous points per face: training on %d + %d "

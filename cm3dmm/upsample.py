@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cm3dmm.uv import UVLocator, interpolate, unique_edges
+from cm3dmm.geometry import unique_edges
+from cm3dmm.uv import UVLocator, interpolate
 
 
 @dataclass

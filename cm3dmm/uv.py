@@ -32,6 +32,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from cm3dmm.errors import InputError
+from cm3dmm.geometry import boundary_loops, unique_edges
 
 log = logging.getLogger(__name__)
 
@@ -58,27 +59,6 @@ class DiscTopology:
     @property
     def n_loops(self) -> int:
         return 1 + len(self.holes)
-
-
-def unique_edges(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Undirected edges of a triangle mesh.
-
-    faces: (F, 3) int. Returns ``edges (E, 2)`` int64 with ``edges[:, 0] < edges[:, 1]``
-    sorted lexicographically, ``face_edges (F, 3)`` int64 (edge of the side opposite each
-    corner) and ``counts (E,)`` (number of triangles per edge).
-    """
-    f = np.asarray(faces, dtype=np.int64)
-    if f.ndim != 2 or f.shape[1] != 3:
-        raise ValueError(f"faces must have shape (F, 3), got {f.shape}")
-    # side opposite corner k joins corners k+1 and k+2
-    a = f[:, [1, 2, 0]].ravel()
-    b = f[:, [2, 0, 1]].ravel()
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    n = int(f.max()) + 1 if f.size else 0
-    keys = lo * n + hi
-    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    edges = np.stack([uniq // max(n, 1), uniq % max(n, 1)], axis=1)
-    return edges, inverse.reshape(-1, 3), counts
 
 
 def check_disc(vertices: np.ndarray, faces: np.ndarray, what: str = "face region",
@@ -121,7 +101,7 @@ def check_disc(vertices: np.ndarray, faces: np.ndarray, what: str = "face region
         raise InputError(f"{what}: triangles are not consistently oriented (directed edge "
                          f"({dup // V}, {dup % V}) appears twice)", path)
     twin = np.isin(b * V + a, hkey, assume_unique=False)
-    ba, bb = a[~twin], b[~twin]
+    ba = a[~twin]  # tails of the boundary half-edges
     n_comp, _ = connected_components(
         sp.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(V, V)),
         directed=False)
@@ -134,21 +114,7 @@ def check_disc(vertices: np.ndarray, faces: np.ndarray, what: str = "face region
         bad = int(np.argmax(out_deg))
         raise InputError(f"{what} is not a disc: boundary vertex {bad} touches "
                          f"{int(out_deg[bad])} boundary loops (non-manifold vertex)", path)
-    nxt = np.full(V, -1, np.int64)
-    nxt[ba] = bb
-    seen = np.zeros(V, bool)
-    loops: list[np.ndarray] = []
-    for start in ba:
-        if seen[start]:
-            continue
-        loop = [int(start)]
-        seen[start] = True
-        cur = int(nxt[start])
-        while cur != start:
-            loop.append(cur)
-            seen[cur] = True
-            cur = int(nxt[cur])
-        loops.append(np.array(loop, np.int64))
+    loops = boundary_loops(f)
     euler = V - len(edges) + len(f)
     if euler != 2 - len(loops):
         genus = (2 - len(loops) - euler) // 2

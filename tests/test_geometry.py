@@ -1,5 +1,6 @@
-"""cm3dmm.geometry: point-triangle / point-mesh projection against naive references,
-area-weighted sampling, barycentric interpolation."""
+"""cm3dmm.geometry: edges, boundary vertices / loops and evenly spread indices against naive
+references, point-triangle / point-mesh projection against naive references, area-weighted
+sampling, barycentric interpolation."""
 
 import math
 
@@ -8,12 +9,116 @@ import pytest
 
 from cm3dmm.geometry import (
     barycentric_interpolate,
+    boundary_loops,
+    boundary_vertices,
     closest_points_on_mesh,
     closest_points_on_triangles,
+    even_indices,
     sample_surface,
     triangle_areas,
+    unique_edges,
 )
 from conftest import make_registered
+
+
+# --------------------------------------------------------------------------- topology
+def _grid_with_holes(n=7, holes=((2, 2), (4, 3))):
+    """An n x n grid of quads (two triangles each, counter-clockwise) without the quads ``holes``:
+    a disc with one hole per removed quad (they must not touch each other or the border)."""
+    faces = []
+    for r in range(n - 1):
+        for c in range(n - 1):
+            if (r, c) in holes:
+                continue
+            a = r * n + c
+            faces += [[a, a + 1, a + n + 1], [a, a + n + 1, a + n]]
+    return np.array(faces, np.int64)
+
+
+def _naive_edge_counts(faces):
+    counts = {}
+    for f in faces.tolist():
+        for k in range(3):
+            a, b = f[(k + 1) % 3], f[(k + 2) % 3]
+            key = (min(a, b), max(a, b))
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _naive_loops(faces):
+    """Boundary loops by walking: the directed sides whose reverse is no side of any triangle."""
+    sides = {(f[k], f[(k + 1) % 3]) for f in faces.tolist() for k in range(3)}
+    nxt = {a: b for a, b in sides if (b, a) not in sides}
+    loops, left = [], set(nxt)
+    while left:
+        v = start = min(left)
+        loop = []
+        while True:
+            loop.append(v)
+            left.discard(v)
+            v = nxt[v]
+            if v == start:
+                break
+        loops.append(loop)
+    return loops
+
+
+def _canonical(loop):
+    """A loop as a tuple starting at its smallest vertex (same direction)."""
+    loop = [int(x) for x in loop]
+    k = loop.index(min(loop))
+    return tuple(loop[k:] + loop[:k])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_edges_and_boundary_match_naive_references(seed):
+    faces = _grid_with_holes()
+    # a shuffled triangle order and rotated corners (same orientation) change nothing but the order
+    rng = np.random.default_rng(seed)
+    faces = np.roll(faces[rng.permutation(len(faces))], seed, axis=1)
+    edges, face_edges, counts = unique_edges(faces)
+    ref = _naive_edge_counts(faces)
+    assert [tuple(e) for e in edges.tolist()] == sorted(ref)
+    assert dict(zip(map(tuple, edges.tolist()), counts.tolist())) == ref
+    for f, fe in zip(faces.tolist(), face_edges.tolist()):
+        for k in range(3):
+            a, b = f[(k + 1) % 3], f[(k + 2) % 3]
+            assert tuple(edges[fe[k]]) == (min(a, b), max(a, b))
+    on_b = {v for (a, b), c in ref.items() if c == 1 for v in (a, b)}
+    n = int(faces.max()) + 1
+    np.testing.assert_array_equal(boundary_vertices(faces), [v in on_b for v in range(n)])
+    assert boundary_vertices(faces, n + 3).shape == (n + 3,) and not boundary_vertices(faces, n + 3)[n:].any()
+    loops = boundary_loops(faces)
+    assert sorted(map(_canonical, loops)) == sorted(map(_canonical, _naive_loops(faces)))
+    assert sorted(len(lp) for lp in loops) == [4, 4, 24]  # two one-quad holes, the 7 x 7 border
+    assert all(lp.dtype == np.int64 for lp in loops)
+    # the first loop starts at the first boundary side met triangle by triangle
+    first = next((f[k], f[(k + 1) % 3]) for f in faces.tolist() for k in range(3)
+                 if ref[(min(f[k], f[(k + 1) % 3]), max(f[k], f[(k + 1) % 3]))] == 1)
+    assert tuple(loops[0][:2]) == first
+
+
+def test_boundary_loops_of_a_closed_surface_and_a_bow_tie():
+    tetra = np.array([[0, 2, 1], [0, 1, 3], [1, 2, 3], [2, 0, 3]])
+    assert boundary_loops(tetra) == [] and not boundary_vertices(tetra).any()
+    bow_tie = np.array([[0, 1, 2], [0, 3, 4]])  # two triangles sharing only vertex 0
+    with pytest.raises(ValueError, match="non-manifold vertex"):
+        boundary_loops(bow_tie)
+    with pytest.raises(ValueError, match="shape"):
+        unique_edges(np.zeros((3, 4), np.int64))
+
+
+def test_even_indices_match_a_naive_reference():
+    for n in range(0, 30):
+        for k in range(-1, n + 3):
+            got = even_indices(n, k)
+            # i times the float step, rounded half to even (as linspace computes it; 11 * 25 / 22
+            # is 12.500000000000002 that way, so index 13)
+            step = (n - 1) / (k - 1) if k > 1 else 0.0
+            ref = list(range(n)) if k <= 0 or k >= n else sorted({round(i * step) for i in range(k)})
+            assert got.dtype == np.int64 and got.tolist() == ref, (n, k)
+    assert even_indices(10, 4).tolist() == [0, 3, 6, 9]
+    assert even_indices(5, 2).tolist() == [0, 4]
 
 
 def _ref_point_triangle(p, a, b, c):

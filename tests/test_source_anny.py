@@ -9,6 +9,7 @@ import torch
 
 from cm3dmm.config import AnnySourceConfig
 from cm3dmm.errors import InputError
+from cm3dmm.geometry import boundary_loops
 from cm3dmm.registered import FACESCAPE_EXPRESSIONS, validate
 from cm3dmm.sources import anny as A
 
@@ -182,7 +183,7 @@ def test_region_is_one_manifold_disc_with_eye_and_mouth_holes(region):
     counts = _naive_edge_counts(f.tolist())
     assert max(counts.values()) == 2  # manifold edges
     n_boundary_edges = sum(1 for c in counts.values() if c == 1)
-    loops = A.boundary_loops(f)
+    loops = boundary_loops(f)
     assert sum(len(lp) for lp in loops) == n_boundary_edges
     V = len(np.unique(f))
     chi = V - len(counts) + len(f)
@@ -201,7 +202,7 @@ def test_region_outer_boundary_is_smooth(model, region):
     v, _, _ = A._rest_template(model)
     rv = v[region.vertex_index].astype(np.float64)
     f = region.faces.astype(np.int64)
-    outer = max(A.boundary_loops(f), key=len)
+    outer = max(boundary_loops(f), key=len)
     angles = A.vertex_angles(rv, f)[outer]
     # no ears, spikes or staircase corners on the outer boundary (180 = straight); vertices
     # deep inside the oval may keep a corner (the smoothing may not eat into the face)

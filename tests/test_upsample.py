@@ -6,7 +6,8 @@ from scipy.spatial import cKDTree
 
 from _meshes import holed_disc
 from cm3dmm.upsample import expected_counts, subdivide, uv_grid_from
-from cm3dmm.uv import UVLocator, check_disc, interpolate, unique_edges, unwrap
+from cm3dmm.geometry import unique_edges
+from cm3dmm.uv import UVLocator, check_disc, interpolate, unwrap
 
 
 @pytest.fixture(scope="module")

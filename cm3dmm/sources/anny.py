@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cm3dmm.errors import InputError
+from cm3dmm.geometry import boundary_loops, boundary_vertices, unique_edges
 from cm3dmm.registered import FACESCAPE_EXPRESSIONS, RegisteredData
 
 log = logging.getLogger(__name__)
@@ -368,23 +369,15 @@ def _rest_template(model):
 
 
 # --------------------------------------------------------------------------- mesh helpers
-def _edges(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique undirected edges (E, 2) and, per half-edge (3F,), its edge id."""
-    he = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    key = np.sort(he, axis=1)
-    uniq, inv = np.unique(key, axis=0, return_inverse=True)
-    return uniq, inv.ravel()
-
-
 def _largest_component(faces: np.ndarray) -> np.ndarray:
     """Boolean mask (F,) of the largest edge-connected component of a triangle set."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     F = len(faces)
-    _, eid = _edges(faces)
-    fid = np.tile(np.arange(F), 3)
-    inc = coo_matrix((np.ones(3 * F), (fid, eid)), shape=(F, int(eid.max()) + 1)).tocsr()
+    _, face_edges, counts = unique_edges(faces)
+    fid = np.repeat(np.arange(F), 3)
+    inc = coo_matrix((np.ones(3 * F), (fid, face_edges.ravel())), shape=(F, len(counts))).tocsr()
     adj = inc @ inc.T
     _, comp = connected_components(adj, directed=False)
     return comp == np.bincount(comp).argmax()
@@ -430,19 +423,15 @@ def make_manifold_disc(faces: np.ndarray) -> np.ndarray:
         before = keep.sum()
         idx = np.flatnonzero(keep)
         sub = faces[idx]
-        _, eid = _edges(sub)
-        count = np.bincount(eid)
-        bad = (count[eid] > 2).reshape(3, -1).any(axis=0)
-        keep[idx[bad]] = False
+        _, face_edges, counts = unique_edges(sub)
+        keep[idx[(counts[face_edges] > 2).any(axis=1)]] = False
         idx = np.flatnonzero(keep)
         sub = faces[idx]
         keep[idx[~_largest_component(sub)]] = False
         idx = np.flatnonzero(keep)
         sub = faces[idx]
         # a vertex with two fans lies on a boundary edge of each (in a subset of a manifold mesh)
-        he = np.concatenate([sub[:, [0, 1]], sub[:, [1, 2]], sub[:, [2, 0]]])
-        _, eid = _edges(sub)
-        for vtx in np.unique(he[np.bincount(eid)[eid] == 1]):
+        for vtx in np.flatnonzero(boundary_vertices(sub)):
             fans = _vertex_fans(sub, int(vtx))
             if len(fans) > 1:
                 fans.sort(key=len)
@@ -509,35 +498,10 @@ def smooth_outer_boundary(v: np.ndarray, faces: np.ndarray, keep: np.ndarray, po
     return keep
 
 
-def boundary_loops(faces: np.ndarray) -> list[np.ndarray]:
-    """Boundary loops of a manifold triangle mesh, each an ordered array of vertex ids.
-
-    ``faces``: (F, 3) int. A boundary edge belongs to exactly one triangle; loops follow the
-    triangles' orientation."""
-    he = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    _, eid = _edges(faces)
-    count = np.bincount(eid)
-    bnd = he[count[eid] == 1]
-    nxt = {int(a): int(b) for a, b in bnd}
-    if len(nxt) != len(bnd):
-        raise ValueError("boundary is not a set of simple loops (non-manifold vertex)")
-    loops, seen = [], set()
-    for start in nxt:
-        if start in seen:
-            continue
-        loop, v = [], start
-        while v not in seen:
-            seen.add(v)
-            loop.append(v)
-            v = nxt[v]
-        loops.append(np.array(loop, dtype=np.int64))
-    return loops
-
-
 def euler_characteristic(faces: np.ndarray) -> int:
     """V - E + F of the triangle set (counting only referenced vertices)."""
-    uniq, _ = _edges(faces)
-    return int(len(np.unique(faces)) - len(uniq) + len(faces))
+    edges, _, _ = unique_edges(faces)
+    return int(len(np.unique(faces)) - len(edges) + len(faces))
 
 
 # --------------------------------------------------------------------------- region
