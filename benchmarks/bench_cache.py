@@ -9,13 +9,7 @@ per-sample deformations) with the default CacheConfig, then measures, in one run
 * ``naive``: per face, draw random point indices and read them from the file one face at a
   time with HDF5 point selections (what a loader without stored shuffled orders does);
 * ``SampleCache.read``: B faces x (n_vertex + n_continuous) as contiguous slices of the stored
-  shuffled orders;
-* ``FaceBatchDataset.batches``: the same as torch tensors (the training fast path);
-* ``DataLoader``: per-item reads + default collate, batch_size=B, 2 workers (one read per
-  batch through ``__getitems__``, then torch's collate stacks the faces);
-* ``FaceBatchDataset.loader``: whole batches prefetched by 2 worker processes, no collate.
-
-Worker rates include starting the workers once per epoch (9 batches per epoch here).
+  shuffled orders (what training reads, :meth:`cm3dmm.train.TrainData.read`).
 
 Prints batches per second and the ratio to the naive reference. Reads are from the page
 cache (the file was just written); a cold disk read is bounded by the disk instead.
@@ -34,7 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from cm3dmm.cache import FaceBatchDataset, SampleCache, build_cache
+from cm3dmm.cache import SampleCache, build_cache
 from cm3dmm.config import CacheConfig
 from cm3dmm.registered import RegisteredData
 
@@ -132,36 +126,9 @@ def main(argv=None) -> None:
         r_read = rate(fast_read)
         cache.close()
 
-        ds = FaceBatchDataset(path, NV, NC)
-        n_batches = -(-n_faces // B)
-
-        def epoch_batches():
-            state["e"] += 1
-            for _ in ds.batches(B, epoch=state["e"]):
-                pass
-
-        r_batches = rate(epoch_batches) * n_batches
-
-        def loader_epoch():
-            state["e"] += 1
-            ds.set_epoch(state["e"])
-            for _ in torch.utils.data.DataLoader(ds, batch_size=B, shuffle=True, num_workers=2):
-                pass
-
-        r_loader = rate(loader_epoch, min_time=4.0, min_reps=2) * n_batches
-
-        def batch_loader_epoch():
-            state["e"] += 1
-            for _ in ds.loader(B, epoch=state["e"], num_workers=2):
-                pass
-
-        r_bloader = rate(batch_loader_epoch, min_time=4.0, min_reps=2) * n_batches
-
         pts = B * (NV + NC)
         print(f"{'reader':<36}{'batches/s':>10}{'Mpoints/s':>11}{'vs naive':>10}")
-        for name, r in (("naive per-face point selection", r_naive), ("SampleCache.read", r_read),
-                        ("FaceBatchDataset.batches", r_batches), ("DataLoader(bs=B, 2 workers)", r_loader),
-                        ("FaceBatchDataset.loader(2 workers)", r_bloader)):
+        for name, r in (("naive per-face point selection", r_naive), ("SampleCache.read", r_read)):
             print(f"{name:<36}{r:>10.1f}{r * pts / 1e6:>11.2f}{r / r_naive:>9.1f}x")
 
     if not args.quick:  # build cost of a mid-size cache

@@ -561,7 +561,7 @@ def train_baseline(method: str, data, cfg, dim: int, template_hash: str = "") ->
     verts = np.asarray(data.vertices)[idx]
     subj = [data.subject[i] for i in idx]
     expr = [data.expression[i] for i in idx]
-    cfg_dict = asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else dict(cfg)
+    cfg_dict = asdict(cfg)
     if method == "pca":
         return fit_pca(verts, data.faces, dim, train_index=list(zip(subj, expr)), template_hash=template_hash,
                        config={"baselines": cfg_dict})
@@ -591,13 +591,13 @@ def run_train_baseline(cfg, method: str) -> Path:
     paths = RunPaths(cfg.run_dir)
     data = read_registered(paths.registered, with_scans=False)
     template = load_template(paths.template)
-    tpl_faces = np.asarray(getattr(template, "faces", data.faces))
+    tpl_faces = np.asarray(template.faces)
     if tpl_faces.shape != np.asarray(data.faces).shape or not np.array_equal(tpl_faces, data.faces):
         raise InputError("the template's triangles differ from registered.h5's: rerun the template stage",
                          paths.template)
     dim = cfg.baselines.pca_dim or (cfg.model.id_dim + cfg.model.exp_dim)
     start = time.perf_counter()
-    model = train_baseline(method, data, cfg.baselines, dim, str(getattr(template, "hash", "")))
+    model = train_baseline(method, data, cfg.baselines, dim, template.hash)
     seconds = time.perf_counter() - start
     meta = {"train_seconds": seconds, "registered_hash": data.content_hash(), "run": cfg.run}
     out = model.save(paths.model(method), meta=meta)

@@ -1,4 +1,4 @@
-"""The HDF5 sample cache (``cache/{split}.h5``) and its torch datasets.
+"""The HDF5 sample cache (``cache/{split}.h5``): building, validating and reading it.
 
 Per sample of one split (registered order) the cache holds the supervision points of the
 continuous model (SEED.md, "Data"):
@@ -40,11 +40,8 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from cm3dmm.errors import InputError
 from cm3dmm.geometry import barycentric_interpolate, closest_points_on_mesh, sample_surface
@@ -155,7 +152,7 @@ def build_cache(data, template, split: str, cfg, path: str | os.PathLike) -> Cac
     subjects = list(dict.fromkeys(data.subject[i] for i in idx))
     expressions = list(dict.fromkeys(data.expression[i] for i in idx))
     registered_hash = data.content_hash()
-    template_hash = str(getattr(template, "hash", ""))
+    template_hash = str(template.hash)
     hasher = _Hasher()
     str_dt = h5py.string_dtype("utf-8")
     n_scan_total = n_scans = 0
@@ -538,118 +535,3 @@ class SampleCache:
             raise self._fail(f"sample cache is corrupt ({str(exc)[:160]}): rerun cache_samples") from None
         out.update(uv=pts[:, UV].copy(), target=pts[:, TARGET].copy(), avg=pts[:, AVG].copy())
         return out
-
-
-# --------------------------------------------------------------------------- torch
-class FaceBatchDataset(Dataset):
-    """A ``torch.utils.data.Dataset`` over a sample cache: item ``i`` is face ``i``'s points.
-
-    Item: ``uv`` (n, 2), ``target`` (n, 3), ``avg`` (n, 3) float32 tensors (vertex points
-    first, then continuous points; ``n = n_vertex + n_continuous``) and ``index`` (int64
-    scalar tensor, the face's cache index = its row in the training code tables). Works with
-    ``DataLoader(batch_size=B, num_workers=k)``: the HDF5 file is opened lazily in each
-    process. :meth:`set_epoch` moves every face to the next slice of its stored order (with
-    worker processes, call it before iterating the loader and use non-persistent workers).
-
-    :meth:`batches` is the fast path: whole batches of B faces read directly, as tensors;
-    :meth:`loader` is the same with ``DataLoader`` worker processes prefetching batches.
-    """
-
-    def __init__(self, cache_path: str | os.PathLike, n_vertex: int, n_continuous: int,
-                 template_hash: str | None = None, registered_hash: str | None = None,
-                 continuous: str = "surface"):
-        self.cache_path = Path(cache_path)
-        self.template_hash, self.registered_hash = template_hash, registered_hash
-        self.continuous = continuous
-        with SampleCache(self.cache_path, template_hash, registered_hash) as c:  # validate now
-            if not 0 <= n_vertex <= c.n_vertices:
-                raise ValueError(f"n_vertex must be in [0, {c.n_vertices}], got {n_vertex}")
-            if not 0 <= n_continuous <= c.n_continuous:
-                raise ValueError(f"n_continuous must be in [0, {c.n_continuous}], got {n_continuous}")
-            self.n_samples = c.n_samples
-        self.n_vertex, self.n_continuous = int(n_vertex), int(n_continuous)
-        self.epoch = 0
-        self._cache: SampleCache | None = None
-        self._pid: int | None = None
-
-    @property
-    def cache(self) -> SampleCache:
-        """The open cache of this process (reopened after a fork)."""
-        if self._cache is None or self._pid != os.getpid():
-            self._cache = SampleCache(self.cache_path, self.template_hash, self.registered_hash)
-            self._pid = os.getpid()
-        return self._cache
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_cache"] = None
-        state["_pid"] = None
-        return state
-
-    def __len__(self) -> int:
-        return self.n_samples
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __getitem__(self, i: int) -> dict:
-        r = self.cache.read([int(i)], self.n_vertex, self.n_continuous, self.epoch, self.continuous)
-        return {"uv": torch.from_numpy(r["uv"][0]), "target": torch.from_numpy(r["target"][0]),
-                "avg": torch.from_numpy(r["avg"][0]), "index": torch.tensor(int(i))}
-
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        """A DataLoader batch in one :meth:`SampleCache.read` (torch's batched fetch hook)."""
-        r = self.cache.read(np.asarray(indices, np.int64), self.n_vertex, self.n_continuous, self.epoch,
-                            self.continuous)
-        t = {k: torch.from_numpy(r[k]) for k in ("uv", "target", "avg")}
-        return [{"uv": t["uv"][b], "target": t["target"][b], "avg": t["avg"][b],
-                 "index": torch.tensor(int(i))} for b, i in enumerate(indices)]
-
-    def epoch_order(self, epoch: int, seed: int = 0, shuffle: bool = True) -> np.ndarray:
-        """(S,) the face order of an epoch: a permutation seeded by ``(seed, epoch)``."""
-        return (np.random.default_rng([int(seed), int(epoch)]).permutation(self.n_samples)
-                if shuffle else np.arange(self.n_samples))
-
-    def loader(self, batch_faces: int, epoch: int = 0, seed: int = 0, num_workers: int = 0,
-               shuffle: bool = True, drop_last: bool = False, **kwargs) -> DataLoader:
-        """A ``DataLoader`` whose items are whole batches (the :meth:`batches` of ``epoch``),
-        each read in one :meth:`SampleCache.read` by a worker: no per-face reads, no collation."""
-        return DataLoader(_EpochBatches(self, batch_faces, epoch, seed, shuffle, drop_last),
-                          batch_size=None, shuffle=False, num_workers=num_workers, **kwargs)
-
-    def batches(self, batch_faces: int, epoch: int = 0, seed: int = 0, shuffle: bool = True,
-                drop_last: bool = False) -> Iterator[dict]:
-        """One epoch of batches: dicts of ``uv`` (B, n, 2), ``target`` (B, n, 3), ``avg``
-        (B, n, 3) float32 tensors and ``index`` (B,) int64. Faces are permuted with a
-        generator seeded by ``(seed, epoch)``; points are the epoch's slice of each stored
-        order (``offset=epoch``)."""
-        for faces in _batch_split(self.epoch_order(epoch, seed, shuffle), batch_faces, drop_last):
-            yield self.read_batch(faces, epoch)
-
-    def read_batch(self, faces, epoch: int = 0) -> dict:
-        """Faces ``faces`` (B,) at offset ``epoch`` as tensors (uv, target, avg, index)."""
-        r = self.cache.read(faces, self.n_vertex, self.n_continuous, epoch, self.continuous)
-        return {k: torch.from_numpy(v) for k, v in r.items()}
-
-
-def _batch_split(order: np.ndarray, batch_faces: int, drop_last: bool) -> list[np.ndarray]:
-    if batch_faces < 1:
-        raise ValueError(f"batch_faces must be >= 1, got {batch_faces}")
-    stop = (len(order) // batch_faces) * batch_faces if drop_last else len(order)
-    return [order[a:a + batch_faces] for a in range(0, stop, batch_faces)]
-
-
-class _EpochBatches(Dataset):
-    """Item k = batch k of one epoch of a :class:`FaceBatchDataset` (for ``loader``)."""
-
-    def __init__(self, ds: FaceBatchDataset, batch_faces: int, epoch: int, seed: int, shuffle: bool,
-                 drop_last: bool):
-        self.ds, self.epoch = ds, int(epoch)
-        self.faces = _batch_split(ds.epoch_order(epoch, seed, shuffle), batch_faces, drop_last)
-
-    def __len__(self) -> int:
-        return len(self.faces)
-
-    def __getitem__(self, k: int) -> dict:
-        return self.ds.read_batch(self.faces[k], self.epoch)
-

@@ -1,4 +1,4 @@
-"""cm3dmm.cache: the HDF5 sample cache, its integrity checks and its torch datasets."""
+"""cm3dmm.cache: the HDF5 sample cache, its reads and its integrity checks."""
 
 import shutil
 from dataclasses import dataclass
@@ -6,9 +6,8 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 import pytest
-import torch
 
-from cm3dmm.cache import FaceBatchDataset, SampleCache, build_cache, run_cache
+from cm3dmm.cache import SampleCache, build_cache, run_cache
 from cm3dmm.config import CacheConfig, config_from_dict
 from cm3dmm.errors import InputError
 from cm3dmm.geometry import barycentric_interpolate, closest_points_on_triangles
@@ -253,39 +252,6 @@ def test_build_rejects_a_mismatched_template(built, tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_dataloader_with_two_workers_matches_direct_reads(built):
-    d, t, out = built
-    ds = FaceBatchDataset(out["train"].path, 10, 12, template_hash=t.hash)
-    ds.set_epoch(2)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, shuffle=False)
-    got = list(loader)
-    assert sum(len(b["index"]) for b in got) == len(ds) == 9
-    with SampleCache(out["train"].path) as c:
-        for b in got:
-            ref = c.read(b["index"].numpy(), 10, 12, offset=2)
-            for k in ("uv", "target", "avg"):
-                assert b[k].shape == (len(b["index"]), 22, 2 if k == "uv" else 3)
-                np.testing.assert_array_equal(b[k].numpy(), ref[k])
-
-
-def test_fast_batches_cover_each_face_once_per_epoch(built):
-    d, t, out = built
-    ds = FaceBatchDataset(out["train"].path, 10, 12)
-    for epoch in (0, 1):
-        batches = list(ds.batches(4, epoch=epoch, seed=7))
-        assert [len(b["index"]) for b in batches] == [4, 4, 1]
-        idx = torch.cat([b["index"] for b in batches]).numpy()
-        assert sorted(idx.tolist()) == list(range(9))
-        with SampleCache(out["train"].path) as c:
-            ref = c.read(batches[0]["index"].numpy(), 10, 12, offset=epoch)
-        assert isinstance(batches[0]["target"], torch.Tensor) and batches[0]["target"].dtype == torch.float32
-        np.testing.assert_array_equal(batches[0]["target"].numpy(), ref["target"])
-    a = torch.cat([b["index"] for b in ds.batches(4, epoch=0, seed=7)])
-    b = torch.cat([b["index"] for b in ds.batches(4, epoch=1, seed=7)])
-    assert not torch.equal(a, b)  # a new face order each epoch
-    assert [len(x["index"]) for x in ds.batches(4, drop_last=True)] == [4, 4]
-
-
 def test_run_cache_checks_the_template_source(tmp_path):
     from cm3dmm.template import load_template, run_template
 
@@ -333,14 +299,3 @@ def test_overwritten_bytes_never_read_silently(built, tmp_path):
             with SampleCache(p) as c:
                 c.read(np.arange(c.n_samples), c.n_vertices, c.n_continuous)
                 c.verify()
-
-
-def test_batch_loader_with_workers_equals_batches(built):
-    d, t, out = built
-    ds = FaceBatchDataset(out["train"].path, 10, 12)
-    ref = list(ds.batches(4, epoch=3, seed=1))
-    got = list(ds.loader(4, epoch=3, seed=1, num_workers=2))
-    assert len(got) == len(ref) == 3
-    for a, b in zip(got, ref):
-        for k in ("uv", "target", "avg", "index"):
-            assert torch.equal(a[k], b[k])
