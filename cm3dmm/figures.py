@@ -131,11 +131,9 @@ class _Run:
         self.test_subjects = self.data.subjects("test")
 
     def fit(self, method: str, subject: str) -> dict:
-        p = self.paths.fit_npz(method, subject)
-        if not p.exists():
-            raise InputError("fit file not found (run the fit stage first)", p)
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        from cm3dmm.fit import read_fit
+
+        return read_fit(self.paths.fit_npz(method, subject))
 
 
 # --------------------------------------------------------------------------- figures
