@@ -186,7 +186,7 @@ class PCAModel(_Baseline):
             rank=int(info["rank"]), dim_requested=int(info["dim_requested"]),
             train_codes=a["train_codes"].astype(np.float64),
             train_index=[tuple(x) for x in p["train_index"]], template_hash=p["template_hash"],
-            config=dict(p["config"]), rank_exact=bool(info.get("rank_exact", True)),
+            config=dict(p["config"]), rank_exact=bool(info["rank_exact"]),
         )
 
 
