@@ -88,8 +88,9 @@ def scan_speed(fm, x: np.ndarray, sizes: list[int], noise: float = 0.3) -> None:
 
     faces = np.asarray(fm.faces)
     fit_scans(fm, [Scan(_cloud(x, faces, 2000, np.random.default_rng(1)))], FitConfig())  # warm-up
-    print("\n| scan points | wall s | CPU s | rigid init s | peak RSS (GB) | vertex error, aligned (mm) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("\n| scan points | wall s | CPU s | rigid init s | peak RSS (GB) | vertex error, aligned (mm) | "
+          "reference CPU s | fit / reference |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         rng = np.random.default_rng(0)
         a = np.radians(20)
@@ -101,7 +102,25 @@ def scan_speed(fm, x: np.ndarray, sizes: list[int], noise: float = 0.3) -> None:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         err = aligned_error(res.vertices[0], x)
-        print(f"| {n:,} | {wall:.1f} | {cpu:.1f} | {res.timings['rigid_init_s']:.1f} | {peak:.2f} | {err:.3f} |")
+        ref = _reference_seconds()
+        print(f"| {n:,} | {wall:.1f} | {cpu:.1f} | {res.timings['rigid_init_s']:.1f} | {peak:.2f} | {err:.3f} | "
+              f"{ref:.2f} | {cpu / ref:.1f} |")
+
+
+def _reference_seconds() -> float:
+    """CPU seconds of a fixed workload like a scan fit's (KD-tree queries, small dense algebra), timed
+    beside each fit: on a loaded machine the ratio fit / reference varies less than the seconds do."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(0)
+    c0 = time.process_time()
+    pts = rng.normal(size=(200_000, 3))
+    tree = cKDTree(pts)
+    tree.query(rng.normal(size=(200_000, 3)), k=4)
+    a = rng.normal(size=(400, 400))
+    for _ in range(20):
+        np.linalg.solve(a @ a.T + np.eye(400), a)
+    return time.process_time() - c0
 
 
 def _cloud(x, faces, n, rng):

@@ -135,13 +135,18 @@ def pose_errors(fitted: Similarity, true: Similarity, centroid: np.ndarray) -> t
     return ang, float(np.linalg.norm(moved - centroid))
 
 
-def aligned_error(fit: np.ndarray, truth: np.ndarray) -> float:
-    """Mean vertex error (mm) of ``fit`` (V, 3) after its best rigid alignment to ``truth`` (V, 3):
-    the error of the shape and the correspondences, without where the face sits."""
+def aligned_errors(fit: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-vertex error (V,) mm of ``fit`` (V, 3) after its best rigid alignment to ``truth`` (V, 3)."""
     from cm3dmm.rigid import umeyama
 
     t = umeyama(fit, truth, with_scale=False)
-    return float(np.linalg.norm(t.apply(fit) - truth, axis=-1).mean())
+    return np.linalg.norm(t.apply(fit) - truth, axis=-1)
+
+
+def aligned_error(fit: np.ndarray, truth: np.ndarray) -> float:
+    """Mean vertex error (mm) of ``fit`` (V, 3) after its best rigid alignment to ``truth`` (V, 3):
+    the error of the shape and the correspondences, without where the face sits."""
+    return float(aligned_errors(fit, truth).mean())
 
 
 def _pick(n: int, k: int) -> list[int]:
@@ -180,14 +185,16 @@ def evaluate_method(fm, faces_by_subject: dict[str, tuple[list[str], np.ndarray]
             secs = (time.perf_counter() - t0) / len(scans)
             for k, (e, s) in enumerate(zip(exprs, synth)):
                 ve = np.linalg.norm(res.vertices[k] - truth[k], axis=-1)
-                shape = aligned_error(res.vertices[k], truth[k])
+                va = aligned_errors(res.vertices[k], truth[k])
+                shape = float(va.mean())
                 ang, tr = pose_errors(res.transforms[k], s.pose, truth[k].mean(0))
                 records.append({
                     "method": method, "variant": variant, "subject": subj, "expression": e,
                     "points": len(s.points_mm), "coverage": float(s.covered.mean()),
                     "scan_error": float(ve.mean()), "registered_error": float(reg_err[k]),
                     "scan_shape_error": shape, "registered_shape_error": reg_shape[k],
-                    "uncovered_error": float(ve[~s.covered].mean()) if (~s.covered).any() else float("nan"),
+                    "uncovered_error": float(va[~s.covered].mean()) if (~s.covered).any() else float("nan"),
+                    "covered_error": float(va[s.covered].mean()),
                     "rot_deg": ang, "trans_mm": tr, "scan_to_fit": float(res.errors[k]),
                     "seconds": secs, "converged": bool(res.info.converged)})
             log.info("%s %s %s: %.3f mm (registered %.3f mm)", method, subj, variant,
@@ -210,7 +217,9 @@ def summarise(records: list[dict]) -> pd.DataFrame:
             "scan, aligned (mm)": float(g["scan_shape_error"].mean()),
             "ratio": float(g["scan_shape_error"].mean() / max(g["registered_shape_error"].mean(), 1e-3)),
             "worst face ratio": float(ratio.max()),
-            "uncovered (mm)": float(g["uncovered_error"].mean()) if g["uncovered_error"].notna().any() else np.nan,
+            "covered, aligned (mm)": float(g["covered_error"].mean()),
+            "uncovered, aligned (mm)": (float(g["uncovered_error"].mean()) if g["uncovered_error"].notna().any()
+                                        else np.nan),
             "rotation (deg)": float(g["rot_deg"].mean()), "translation (mm)": float(g["trans_mm"].mean()),
             "scan->fit (mm)": float(g["scan_to_fit"].mean()), "s / scan": float(g["seconds"].mean()),
         })
@@ -245,7 +254,9 @@ def protocol_text(cfg) -> str:
         "where in the model frame the face sits, and the model frame of anny data places faces at body "
         "height, 12 mm std); `ratio`: scan / registered of the aligned means; `worst face ratio`: the largest "
         "per-face ratio of the aligned errors; "
-        "`uncovered`: the scan fit's error at vertices of triangles the scan does not sample; `rotation`: "
+        "`covered, aligned` / `uncovered, aligned`: the aligned scan fit's error at the vertices of "
+        "triangles the scan samples / does not sample (a partial scan's missing parts: close to `covered` "
+        "when the fit does not drag them toward the scan's border); `rotation`: "
         "angle between the fitted and the true rotation; `translation`: distance by which the fitted pose "
         "misplaces the true face's centroid; `scan->fit`: mean distance of the scan points to the fit, worst "
         f"{fc.trim:.0%} trimmed (what a user sees); `s / scan`: wall seconds per scan of the fit (rigid "

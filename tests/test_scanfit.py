@@ -165,14 +165,14 @@ def test_summarise_ratios():
 
     recs = [{"method": "pca", "variant": "full", "subject": "s", "expression": e, "points": 100, "coverage": 1.0,
              "scan_error": se, "registered_error": re, "scan_shape_error": se, "registered_shape_error": re,
-             "uncovered_error": float("nan"), "rot_deg": 1.0, "trans_mm": 2.0, "scan_to_fit": 0.3, "seconds": 1.0,
+             "uncovered_error": float("nan"), "covered_error": se, "rot_deg": 1.0, "trans_mm": 2.0, "scan_to_fit": 0.3, "seconds": 1.0,
              "converged": True} for e, se, re in (("a", 1.0, 0.5), ("b", 3.0, 1.0))]
     t = summarise(recs)
     assert len(t) == 1
     row = t.iloc[0]
     assert row["scan fit (mm)"] == pytest.approx(2.0) and row["registered fit (mm)"] == pytest.approx(0.75)
     assert row["ratio"] == pytest.approx(2.0 / 0.75) and row["worst face ratio"] == pytest.approx(3.0)
-    assert np.isnan(row["uncovered (mm)"])
+    assert np.isnan(row["uncovered, aligned (mm)"]) and row["covered, aligned (mm)"] == pytest.approx(2.0)
 
 
 def test_run_scan_fits_writes_the_table(tmp_path):
@@ -190,7 +190,7 @@ def test_run_scan_fits_writes_the_table(tmp_path):
     assert list(table["Scan"]) == ["full", "side"] * 3
     assert (table["Faces"] == 2).all() and (table["scan fit (mm)"] > 0).all()
     side = table[table["Scan"] == "side"]
-    assert (side["Coverage"] < 1).all() and side["uncovered (mm)"].notna().all()
+    assert (side["Coverage"] < 1).all() and side["uncovered, aligned (mm)"].notna().all()
     for name in ("scan_fits.csv", "scan_fits.md", "scan_fits.tex", "scan_fits.html", "scan_fits_faces.csv",
                  "scan_fits_protocol.md"):
         assert (paths.tables_dir / name).exists(), name
