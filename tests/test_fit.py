@@ -487,3 +487,26 @@ def test_run_fit_level_beyond_the_models_levels_fails_before_fitting(pca_run, tm
         run_fit(bad, method="pca", subject=subj, model=str(paths.model("pca")))
     assert "model.pt" in str(ei.value)
     assert not paths.fit_npz("pca", subj).exists() and not paths.fit_png("pca", subj).exists()
+
+
+def test_read_fit_is_the_one_reader(tmp_path):
+    """cm3dmm.fit.io.read_fit: the arrays of a fit file; missing, truncated and foreign files are one
+    InputError naming the file (the messages of docs/bad-input.md rows 62-64)."""
+    from cm3dmm.fit import read_fit
+
+    good = tmp_path / "s.npz"
+    np.savez(good, expressions=np.array(["a"]), vertices=np.zeros((1, 4, 3)), z_id=np.zeros((1, 2)),
+             z_exp=np.zeros((1, 2)), seconds=np.array(1.5))
+    z = read_fit(good)
+    assert z["vertices"].shape == (1, 4, 3) and float(z["seconds"]) == 1.5
+    with pytest.raises(InputError, match="fit file not found") as ei:
+        read_fit(tmp_path / "none.npz")
+    assert str(ei.value.path).endswith("none.npz")
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        read_fit(cut)
+    other = tmp_path / "other.npz"
+    np.savez(other, a=np.zeros(3))
+    with pytest.raises(InputError, match="lacks expressions, vertices, z_id, z_exp, seconds"):
+        read_fit(other)
