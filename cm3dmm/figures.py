@@ -308,7 +308,7 @@ def fig_loss_curves(run: _Run, path: Path) -> Path:
     import pandas as pd
 
     plt = _plt()
-    logs = sorted(p for p in (run.paths.root / "models").glob("*/train_log.csv"))
+    logs = run.paths.train_logs()
     fig, ax = plt.subplots(figsize=(8, 4.6))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, p in enumerate(logs):
@@ -336,11 +336,11 @@ def fig_loss_curves(run: _Run, path: Path) -> Path:
 def fig_pca_sweep(run: _Run, path: Path) -> Path:
     import pandas as pd
 
-    csv = run.paths.tables_dir / "pca_sweep.csv"
+    csv = run.paths.table("pca_sweep")
     if not csv.exists():
         return _placeholder(path, "no pca_sweep table (run the evaluate stage)")
     df = pd.read_csv(csv)
-    facts_p = run.paths.tables_dir / "facts.json"
+    facts_p = run.paths.facts
     rank = json.loads(facts_p.read_text()).get("rank") if facts_p.exists() else int(df["Dim"].max())
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -348,7 +348,7 @@ def fig_pca_sweep(run: _Run, path: Path) -> Path:
         y = np.maximum(df[col].to_numpy(float), 1e-6)
         ax.plot(df["Dim"], y, "-", marker="." if len(df) < 60 else None, label=col)
     # the other methods at the sizes of the reconstruction table (evaluate.model_dims, baselines.bilinear_dims)
-    rec_csv = run.paths.tables_dir / "reconstruction.csv"
+    rec_csv = run.paths.table("reconstruction")
     if rec_csv.exists():
         rec = pd.read_csv(rec_csv)
         for method, color in (("cm3dmm", "tab:red"), ("bilinear", "tab:purple")):
@@ -373,7 +373,7 @@ def fig_pca_sweep(run: _Run, path: Path) -> Path:
 def fig_upsampling(run: _Run, path: Path) -> Path:
     import pandas as pd
 
-    csv = run.paths.tables_dir / "upsampling.csv"
+    csv = run.paths.table("upsampling")
     if not csv.exists() or csv.stat().st_size < 5:
         return _placeholder(path, "no upsampling table (evaluate.upsampling_fractions is empty)")
     df = pd.read_csv(csv)
@@ -408,7 +408,6 @@ def run_figures(cfg) -> dict[str, Path]:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     run = _Run(cfg)
-    out = run.paths.figures_dir
     makers = {
         "multires": lambda p: fig_multires(run, p),
         "interp_identity": lambda p: fig_interpolation(run, p, "identity"),
@@ -424,6 +423,6 @@ def run_figures(cfg) -> dict[str, Path]:
         raise RuntimeError(f"no maker for figures {sorted(missing)}")
     written = {}
     for name in FIGURES:
-        written[name] = makers[name](out / f"{name}.png")
+        written[name] = makers[name](run.paths.figure(name))
         log.info("figure %s", written[name])
     return written

@@ -1,13 +1,21 @@
-"""Every file name of a run folder, in one place (the experiment folder is the unit of work).
+"""Every file and folder name of a run folder, in one place (the experiment folder is the unit of work).
 
     results/{run}/data/registered.h5, check.json, preview.png
     results/{run}/template/template.npz, uv_mask.png, uv_layout.png, unwrap.json, levels.png
     results/{run}/cache/{split}.h5
-    results/{run}/models/{method}/model.pt, train_log.csv, loss.png, checkpoints/
-    results/{run}/fits/{method}/{subject}.npz, {subject}.json, {subject}.png
-    results/{run}/tables/*.csv|md|tex|html, protocol.md, protocol.html
-    results/{run}/figures/*.png
+    results/{run}/models/{name}/model.pt, train_log.csv, loss.png, summary.json, checkpoints/
+    results/{run}/fits/{name}/{subject}.npz, {subject}.json, {subject}.png
+    results/{run}/tables/{table}.csv|md|tex|html, protocol.md|html, facts.json,
+                         scan_fits_faces.csv, scan_fits_protocol.md
+    results/{run}/figures/{figure}.png
     results/{run}/logs/{rule}.log, logs/{rule}/{wildcards}.log
+
+Model and fit folder names (``{name}``): a method (``cm3dmm``, ``pca``, ``bilinear``, ``release``),
+the continuous model at another code size (:func:`size_method`, ``cm3dmm_dim32``), a method on a
+vertex fraction (:func:`fraction_method`, ``cm3dmm_frac0.25``, ``pca_frac0.25``), and the fits of
+rule ``fit_size`` (:func:`size_variants`: ``cm3dmm_dim32``, ``pca_dim32``, ``pca_rank``,
+``bilinear_id10``, ``cm3dmm_per-subject``). This module imports nothing heavy: the Snakefile
+reads it.
 """
 
 from __future__ import annotations
@@ -25,6 +33,75 @@ TABLE_FORMATS = ("csv", "md", "tex", "html")
 #: Figures of the figures stage (figures/{name}.png)
 FIGURES = ("multires", "interp_identity", "interp_expression", "random_faces", "error_maps", "loss_curves",
            "pca_sweep", "upsampling")
+#: the continuous model's method name (its model and fit folders)
+MAIN = "cm3dmm"
+#: the fit stage's code sharings (config fit.mode)
+FIT_MODES = ("per-subject", "per-face")
+
+
+# --------------------------------------------------------------------------- folder names
+def fraction_tag(fraction: float) -> str:
+    """The text form of a fraction used in file names: ``0.25 -> "0.25"``, ``1.0 -> "1"``."""
+    return f"{float(fraction):g}"
+
+
+def fraction_method(fraction: float | str, method: str = MAIN) -> str:
+    """Model / fit folder name of ``method`` on the vertex fraction ``fraction``: ``cm3dmm_frac0.25``
+    (a text ``fraction`` is taken as the tag itself, e.g. the workflow's ``"{frac}"``)."""
+    return f"{method}_frac{fraction if isinstance(fraction, str) else fraction_tag(fraction)}"
+
+
+def size_method(dim: int | str) -> str:
+    """Model folder name of the continuous model of code size ``dim``: ``cm3dmm_dim32`` (a text
+    ``dim`` is used as it is, e.g. the workflow's ``"{dim}"``)."""
+    return f"{MAIN}_dim{dim if isinstance(dim, str) else int(dim)}"
+
+
+def other_mode(mode: str) -> str:
+    """The fit stage's other code sharing: per-face <-> per-subject."""
+    return "per-subject" if mode == "per-face" else "per-face"
+
+
+def extra_model_dims(cfg) -> list[int]:
+    """The code sizes of ``evaluate.model_dims`` other than the main model's, sorted (rule train_size)."""
+    return sorted({int(d) for d in cfg.evaluate.model_dims} - {cfg.model.id_dim + cfg.model.exp_dim})
+
+
+def default_pca_dim(cfg) -> int:
+    """The trained PCA's size asked by the config: ``baselines.pca_dim``, else the continuous model's."""
+    return int(cfg.baselines.pca_dim or (cfg.model.id_dim + cfg.model.exp_dim))
+
+
+def size_variants(cfg) -> list[str]:
+    """The fit folders of rule ``fit_size`` (the reconstruction table's rows beyond the fit stage):
+
+    * ``cm3dmm_{mode}``: the main continuous model with the other code sharing (test subjects);
+    * ``cm3dmm_dim{d}``: the continuous model of each extra size of ``evaluate.model_dims``;
+    * ``pca_dim{d}``: PCA truncated to each ``baselines.pca_dims`` size (at most the data's rank),
+      and ``pca_rank``: PCA at the rank of the training data (known only from the data);
+    * ``bilinear_id{n}``: the bilinear model at each ``baselines.bilinear_dims`` identity size.
+
+    Sizes equal to the trained model's (``baselines.pca_dim``, ``baselines.bilinear_id``) are left out.
+
+    Every one but the first: test subjects and the training subset (``evaluate.train_subjects``).
+    """
+    out = [f"{MAIN}_{other_mode(cfg.fit.mode)}"]
+    out += [size_method(d) for d in extra_model_dims(cfg)]
+    if "pca" in cfg.baselines.methods:
+        out += [f"pca_dim{d}" for d in sorted({int(d) for d in cfg.baselines.pca_dims if d >= 1}
+                                              - {default_pca_dim(cfg)})]
+        out.append("pca_rank")
+    if "bilinear" in cfg.baselines.methods:
+        out += [f"bilinear_id{n}" for n in sorted({int(n) for n in cfg.baselines.bilinear_dims}
+                                                  - {int(cfg.baselines.bilinear_id)})]
+    return out
+
+
+def upsampling_variants(cfg) -> list[tuple[str, float]]:
+    """(method, fraction) of every job of rule ``fit_upsampling``: the continuous model and each
+    baseline on each vertex fraction of ``evaluate.upsampling_fractions``."""
+    methods = [MAIN] + [m for m in cfg.baselines.methods if m != MAIN]
+    return [(m, float(f)) for f in cfg.evaluate.upsampling_fractions for m in methods]
 
 
 @dataclass(frozen=True)
@@ -78,12 +155,20 @@ class RunPaths:
         return self.template_dir / "levels.png"
 
     # cache stage
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
     def cache(self, split: str) -> Path:
-        return self.root / "cache" / f"{split}.h5"
+        return self.cache_dir / f"{split}.h5"
 
     # models
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
     def model_dir(self, method: str) -> Path:
-        return self.root / "models" / method
+        return self.models_dir / method
 
     def model(self, method: str) -> Path:
         return self.model_dir(method) / "model.pt"
@@ -91,15 +176,27 @@ class RunPaths:
     def train_log(self, method: str) -> Path:
         return self.model_dir(method) / "train_log.csv"
 
+    def train_logs(self) -> list[Path]:
+        """Every model's ``train_log.csv`` of the run (sorted)."""
+        return sorted(self.models_dir.glob(f"*/{self.train_log('_').name}"))
+
     def loss_png(self, method: str) -> Path:
         return self.model_dir(method) / "loss.png"
 
     def checkpoints(self, method: str) -> Path:
         return self.model_dir(method) / "checkpoints"
 
+    def baseline_summary(self, method: str) -> Path:
+        """A baseline's ``summary.json`` beside its model (sizes, caps, ranks, training time)."""
+        return self.model_dir(method) / "summary.json"
+
     # fitting
+    @property
+    def fits_dir(self) -> Path:
+        return self.root / "fits"
+
     def fit_dir(self, method: str) -> Path:
-        return self.root / "fits" / method
+        return self.fits_dir / method
 
     def fit_npz(self, method: str, subject: str) -> Path:
         return self.fit_dir(method) / f"{subject}.npz"
@@ -126,12 +223,34 @@ class RunPaths:
     def protocol(self) -> Path:
         return self.tables_dir / "protocol.md"
 
+    @property
+    def protocol_html(self) -> Path:
+        return self.protocol.with_suffix(".html")
+
+    @property
+    def facts(self) -> Path:
+        """The evaluate stage's numbers that are no table (rank, explained variance, subsets)."""
+        return self.tables_dir / "facts.json"
+
+    @property
+    def scan_fit_faces(self) -> Path:
+        """The scan-fit table's rows per face and variant."""
+        return self.tables_dir / f"{SCAN_FIT_TABLES[0]}_faces.csv"
+
+    @property
+    def scan_fit_protocol(self) -> Path:
+        return self.tables_dir / f"{SCAN_FIT_TABLES[0]}_protocol.md"
+
     def figure(self, name: str) -> Path:
         return self.figures_dir / f"{name}.png"
 
     # workflow logs (each rule's output, also shown on the terminal)
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
     def log(self, rule: str, *wildcards: str) -> Path:
         """``logs/{rule}.log``, or ``logs/{rule}/{w1}_{w2}.log`` for a rule with wildcards."""
         if not wildcards:
-            return self.root / "logs" / f"{rule}.log"
-        return self.root / "logs" / rule / ("_".join(wildcards) + ".log")
+            return self.logs_dir / f"{rule}.log"
+        return self.logs_dir / rule / ("_".join(wildcards) + ".log")

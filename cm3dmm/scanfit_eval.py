@@ -301,8 +301,8 @@ def run_scan_fits(cfg) -> pd.DataFrame:
     table = summarise(records)
     write_table(table, paths.tables_dir, TABLE, digits={"Coverage": 2, "ratio": 2, "worst face ratio": 2,
                                                        "rotation (deg)": 2, "s / scan": 2})
-    atomic_write_text(paths.tables_dir / f"{TABLE}_faces.csv", pd.DataFrame(records).to_csv(index=False))
-    atomic_write_text(paths.tables_dir / f"{TABLE}_protocol.md", protocol_text(cfg))
+    atomic_write_text(paths.scan_fit_faces, pd.DataFrame(records).to_csv(index=False))
+    atomic_write_text(paths.scan_fit_protocol, protocol_text(cfg))
     return table
 
 

@@ -252,7 +252,7 @@ class CodeTables(nn.Module):
 def face_vertices(data: "TrainData") -> np.ndarray:
     """Every training face's vertices in template order, (n, V, 3) float32 (from the cache)."""
     cache = data.cache
-    if hasattr(cache, "target"):  # cm3dmm.subset.VertexSubsetCache: kept vertices, template order
+    if hasattr(cache, "target"):  # cm3dmm.upsampling.VertexSubsetCache: kept vertices, template order
         return np.asarray(cache.target, np.float32)[data.faces]
     n_v = int(cache.n_vertices)
     out = np.empty((data.n, n_v, 3), np.float32)
@@ -484,47 +484,6 @@ def with_steps(tc, steps: int, **changes):
     steps = int(steps)
     return dataclasses.replace(tc, steps=steps, checkpoint_every=min(tc.checkpoint_every, steps),
                                validate_every=min(tc.validate_every, steps), **changes)
-
-
-def size_method(dim: int) -> str:
-    """Model folder name of the continuous model of code size ``dim``: ``cm3dmm_dim32``."""
-    return f"{METHOD}_dim{int(dim)}"
-
-
-def extra_model_dims(cfg: Config) -> list[int]:
-    """The code sizes of ``evaluate.model_dims`` other than the main model's, sorted."""
-    return sorted({int(d) for d in cfg.evaluate.model_dims} - {cfg.model.id_dim + cfg.model.exp_dim})
-
-
-def size_config(cfg: Config, dim: int) -> Config:
-    """The configuration of the extra-size continuous model ``dim`` (``evaluate.model_dims``).
-
-    ``id_dim + exp_dim = dim``, split in the main model's proportion (each at least 1);
-    ``train.steps`` = ``evaluate.model_dims_steps`` when > 0. Everything else is the main model's.
-    """
-    import dataclasses
-
-    dim = int(dim)
-    if dim < 2:
-        raise InputError(f"evaluate.model_dims: a code size must be >= 2 (identity + expression), got {dim}")
-    mc = cfg.model
-    id_dim = min(max(1, round(dim * mc.id_dim / (mc.id_dim + mc.exp_dim))), dim - 1)
-    model = dataclasses.replace(mc, id_dim=id_dim, exp_dim=dim - id_dim)
-    tr = with_steps(cfg.train, cfg.evaluate.model_dims_steps or cfg.train.steps)
-    return dataclasses.replace(cfg, model=model, train=tr)
-
-
-def run_train_size(cfg: Config, dim: int | str) -> TrainResult:
-    """Stage entry (rule ``train_size``): the continuous model at code size ``dim`` ->
-    ``models/cm3dmm_dim{dim}/model.pt`` (+ log, loss plot), for the reconstruction table."""
-    try:
-        dim = int(dim)
-    except (TypeError, ValueError):
-        raise InputError(f"--dim: expected an integer code size, got {dim!r}") from None
-    scfg = size_config(cfg, dim)
-    log.info("size model %s: id_dim %d + exp_dim %d, %d steps", size_method(dim), scfg.model.id_dim,
-             scfg.model.exp_dim, scfg.train.steps)
-    return run_train(scfg, size_method(dim))
 
 
 def train(cfg: Config, template, cache, paths: RunPaths, method: str = METHOD,

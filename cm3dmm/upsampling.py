@@ -1,4 +1,10 @@
-"""Coarse vertex subsets of the template, for the semantic-upsampling experiment.
+"""The semantic-upsampling experiment: coarse vertex subsets of the template, the models trained on
+them (rule ``train_upsampling``) and the fits with them (rule ``fit_upsampling``).
+
+    run_train_upsampling(cfg, fraction)       -> models/cm3dmm_frac{f}/model.pt
+    run_fit_upsampling(cfg, method, fraction) -> fits/{method}_frac{f}/{subject}.npz|json|png
+
+(Not to be confused with :mod:`cm3dmm.upsample`: the template's subdivision levels.)
 
 The experiment (``tables/upsampling``): every method sees only a fraction ``f`` of the template's
 vertices — in training and in fitting — and is evaluated at *every* vertex, so the other
@@ -36,21 +42,12 @@ from pathlib import Path
 import numpy as np
 
 from cm3dmm.errors import InputError
+from cm3dmm.paths import MAIN, RunPaths, default_pca_dim, fraction_method, fraction_tag
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Coarse", "farthest_point_sample", "make_coarse", "fraction_tag", "fraction_method",
-           "VertexSubsetCache", "run_train_upsampling"]
-
-
-def fraction_tag(fraction: float) -> str:
-    """The text form of a fraction used in file names: ``0.25 -> "0.25"``, ``1.0 -> "1"``."""
-    return f"{float(fraction):g}"
-
-
-def fraction_method(fraction: float) -> str:
-    """Model folder name of the upsampling model of ``fraction``: ``cm3dmm_frac0.25``."""
-    return f"cm3dmm_frac{fraction_tag(fraction)}"
+           "VertexSubsetCache", "run_train_upsampling", "run_fit_upsampling"]
 
 
 def farthest_point_sample(points: np.ndarray, k: int, start: int | None = None) -> np.ndarray:
@@ -233,18 +230,18 @@ def upsampling_config(cfg):
     return dataclasses.replace(cfg, train=train)
 
 
-def run_train_upsampling(cfg, fraction: float | str):
-    """Stage entry (rule ``train_upsampling``): train the continuous model on ``fraction`` of the
-    template's vertices -> ``models/cm3dmm_frac{fraction}/model.pt`` (+ log, loss plot)."""
-    from cm3dmm.paths import RunPaths
-    from cm3dmm.registered import read_registered
-    from cm3dmm.template import load_template
-    from cm3dmm.train import train
-
+def _fraction(fraction) -> float:
     try:
-        fraction = float(fraction)
+        return float(fraction)
     except (TypeError, ValueError):
         raise InputError(f"--fraction: expected a number in (0, 1], got {fraction!r}") from None
+
+
+def _inputs(cfg):
+    """The run's paths, template and registered data (checked against each other)."""
+    from cm3dmm.registered import read_registered
+    from cm3dmm.template import load_template
+
     paths = RunPaths.of(cfg.run_dir)
     template = load_template(paths.template)
     data = read_registered(paths.registered, with_scans=False)
@@ -254,6 +251,16 @@ def run_train_upsampling(cfg, fraction: float | str):
     idx = data.indices("train")
     if len(idx) == 0:
         raise InputError("the train split is empty", paths.registered)
+    return paths, template, data, idx
+
+
+def run_train_upsampling(cfg, fraction: float | str):
+    """Stage entry (rule ``train_upsampling``): train the continuous model on ``fraction`` of the
+    template's vertices -> ``models/cm3dmm_frac{fraction}/model.pt`` (+ log, loss plot)."""
+    from cm3dmm.train import train
+
+    fraction = _fraction(fraction)
+    paths, template, data, idx = _inputs(cfg)
     coarse = make_coarse(template, fraction)
     cache = VertexSubsetCache(data.vertices[idx], coarse, [data.subject[i] for i in idx],
                               [data.expression[i] for i in idx], seed=cfg.cache.seed, path=paths.registered)
@@ -262,3 +269,56 @@ def run_train_upsampling(cfg, fraction: float | str):
     log.info("upsampling model %s: %d of %d vertices, %d coarse triangles, %d steps", method, coarse.n_kept,
              template.n_vertices, len(coarse.faces), ucfg.train.steps)
     return train(ucfg, coarse.template, cache, paths, method)
+
+
+def upsampling_subjects(cfg, test_subjects: list[str]) -> list[str]:
+    """The test subjects of the upsampling experiment (``evaluate.upsampling_subjects``, spread evenly)."""
+    from cm3dmm.sizes import select_subjects
+
+    return select_subjects(test_subjects, cfg.evaluate.upsampling_subjects)
+
+
+def run_fit_upsampling(cfg, method: str, fraction: float | str) -> list[Path]:
+    """Stage entry (rule ``fit_upsampling``): ``method`` on ``fraction`` of the template's vertices,
+    fitted to those vertices of every expression of the experiment's test subjects ->
+    ``fits/{method}_frac{fraction}/{subject}.npz|json|png`` (fits over the kept vertices only).
+
+    cm3dmm: the model of rule ``train_upsampling``; pca / bilinear: trained here on the kept vertices
+    of every training face (the sizes of rule ``train_baseline``). ``cm3dmm evaluate`` predicts every
+    template vertex from these fits (the continuous model queried at the template's UVs, the
+    baselines interpolated on the coarse mesh) and scores them.
+    """
+    from cm3dmm.methods import baseline_face, load_method
+    from cm3dmm.sizes import write_subject_fits
+
+    fraction = _fraction(fraction)
+    if method not in (MAIN, "pca", "bilinear"):
+        raise InputError(f"--method: expected {MAIN}, pca or bilinear, got {method!r}")
+    paths, template, data, idx = _inputs(cfg)
+    coarse = make_coarse(template, fraction)
+    kept = coarse.kept
+    pca = None
+    if method == MAIN:
+        path = paths.model(fraction_method(fraction))
+        fm = load_method(path)
+        if fm.n_vertices != coarse.n_kept:
+            raise InputError(f"the upsampling model has {fm.n_vertices} vertices, the subset of fraction "
+                             f"{fraction_tag(fraction)} {coarse.n_kept}: retrain it (rule train_upsampling)", path)
+    else:
+        from cm3dmm.baselines import fit_bilinear, fit_pca
+
+        tv = np.asarray(data.vertices[idx], np.float64)[:, kept]
+        if method == "pca":
+            pca = base = fit_pca(tv, coarse.faces, dim=default_pca_dim(cfg))
+        else:
+            base = fit_bilinear(tv, [data.subject[i] for i in idx], [data.expression[i] for i in idx],
+                                coarse.faces, cfg.baselines.bilinear_id, cfg.baselines.bilinear_exp)
+        fm = baseline_face(base, coarse.template)
+    test = data.subjects("test")
+    if not test:
+        raise InputError("the dataset has no test subjects", paths.registered)
+    subjects = upsampling_subjects(cfg, test)
+    name = fraction_method(fraction, method)
+    log.info("fit_upsampling %s: %d of %d vertices, %d subjects", name, coarse.n_kept, template.n_vertices,
+             len(subjects))
+    return write_subject_fits(fm, data, subjects, cfg.fit, paths, name, vertex_ids=kept, pca=pca)

@@ -169,6 +169,11 @@ def build_base(root: Path, full: bool = True) -> Base:
         run_train_baseline(cfg, m)
     for m in ("cm3dmm", "pca", "bilinear"):
         run_fit(cfg, method=m, subject=TEST_SUBJECT)
+    from cm3dmm.paths import size_variants
+    from cm3dmm.sizes import run_fit_size
+
+    for v in size_variants(cfg):  # the fits of rule fit_size that evaluate reads
+        run_fit_size(cfg, v)
     write_config(root / "base.yaml", values)
 
     # the same registered data, a template with other settings: another template hash

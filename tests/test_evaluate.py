@@ -1,5 +1,6 @@
-"""The evaluate stage on a tiny run built by the real stages: its numbers equal the ones
-cm3dmm.metrics gives directly; PCA at the data's rank is exact; the upsampling subsets."""
+"""The evaluate stage on a tiny run built by the real stages (the fits of rules fit, fit_size and
+fit_upsampling included): its numbers equal the ones cm3dmm.metrics gives directly for fits made
+here; it fits and trains nothing itself; PCA at the data's rank is exact; the upsampling subsets."""
 
 import dataclasses
 import json
@@ -21,8 +22,9 @@ torch.set_num_threads(1)
 def tiny_run(tmp_path_factory):
     from cm3dmm.evaluate import run_evaluate
     from cm3dmm.fit import run_fit
-    from cm3dmm.upsampling import run_train_upsampling
-    from cm3dmm.train import extra_model_dims, run_train_size
+    from cm3dmm.paths import extra_model_dims, size_variants, upsampling_variants
+    from cm3dmm.sizes import run_fit_size, run_train_size, train_subset
+    from cm3dmm.upsampling import run_fit_upsampling, run_train_upsampling
 
     root = tmp_path_factory.mktemp("evalrun")
     cfg = tiny_config(
@@ -41,8 +43,12 @@ def tiny_run(tmp_path_factory):
     for d in extra_model_dims(cfg):
         run_train_size(cfg, d)
     for m in ("cm3dmm", "pca", "bilinear"):
-        for s in data.subjects("test"):
+        for s in data.subjects("test") + train_subset(cfg, data.subjects("train")):
             run_fit(cfg, method=m, subject=s)
+    for v in size_variants(cfg):
+        run_fit_size(cfg, v)
+    for m, f in upsampling_variants(cfg):
+        run_fit_upsampling(cfg, m, f)
     ev = run_evaluate(cfg)
     return cfg, paths, data, ev
 
@@ -53,6 +59,18 @@ def _row(df, **kw):
         sel &= (df[k] == v).to_numpy()
     assert sel.sum() == 1, (kw, df)
     return df[sel].iloc[0]
+
+
+def _fit_direct(fm, data, subjects, fc):
+    """Fitted vertices of every face of ``subjects`` (file order), fitted here per subject with the
+    fit stage's function: what the evaluate stage's rows must score."""
+    from cm3dmm.fit import fit_registered
+
+    out = []
+    for s in subjects:
+        idx = [i for i, x in enumerate(data.subject) if x == s]
+        out.append(fit_registered(fm, data.vertices[idx].astype(np.float64), fc).vertices)
+    return np.concatenate(out)
 
 
 def _stage_row(df, **kw):
@@ -104,7 +122,6 @@ def test_continuous_model_rows_per_face_and_per_subject(tiny_run):
     each equal to fitting the test faces directly in that mode, and labelled."""
     import dataclasses
 
-    from cm3dmm.evaluate import FaceSet, _fit_faces
     from cm3dmm.methods import load_method
 
     cfg, paths, data, ev = tiny_run
@@ -113,10 +130,9 @@ def test_continuous_model_rows_per_face_and_per_subject(tiny_run):
     assert len(rows) == 2
     other = "per-face" if cfg.fit.mode == "per-subject" else "per-subject"
     label = {"per-face": "per-face codes", "per-subject": "shared identity per subject"}
-    assert list(rows["Note"]) == [f"fit stage ({label[cfg.fit.mode]})", f"fitted here ({label[other]})"]
+    assert list(rows["Note"]) == [f"fit stage ({label[cfg.fit.mode]})", f"fit_size ({label[other]})"]
     fm = load_method(paths.model("cm3dmm"))
-    fs = FaceSet.of(data, data.subjects("test"))
-    pred = _fit_faces(fm, fs, dataclasses.replace(cfg.fit, mode=other))[2]
+    pred = _fit_direct(fm, data, data.subjects("test"), dataclasses.replace(cfg.fit, mode=other))
     target = data.vertices[data.indices("test")].astype(np.float64)
     assert rows.iloc[1]["mean vertex error (mm)"] == pytest.approx(metrics.vertex_error(pred, target).mean_all,
                                                                    rel=1e-9)
@@ -143,10 +159,10 @@ def test_other_code_sizes(tiny_run):
     the fit stage's fitter; baselines.bilinear_dims: a 1 x 2 bilinear model built here (size 2 is
     the main bilinear model and not repeated)."""
     from cm3dmm.baselines import fit_bilinear
-    from cm3dmm.evaluate import FaceSet, _fit_faces
     from cm3dmm.methods import baseline_face, load_method
+    from cm3dmm.paths import extra_model_dims, size_method
+    from cm3dmm.sizes import size_config
     from cm3dmm.template import load_template
-    from cm3dmm.train import extra_model_dims, size_config, size_method
 
     cfg, paths, data, ev = tiny_run
     rec = ev.tables["reconstruction"]
@@ -157,8 +173,7 @@ def test_other_code_sizes(tiny_run):
     assert (fm.id_dim, fm.exp_dim) == (2, 2)
     test_idx = data.indices("test")
     target = data.vertices[test_idx].astype(np.float64)
-    fs = FaceSet.of(data, data.subjects("test"))
-    pred = _fit_faces(fm, fs, cfg.fit)[2]
+    pred = _fit_direct(fm, data, data.subjects("test"), cfg.fit)
     for split in ("test", "train"):
         row = _row(rec, Split=split, Method="cm3dmm", Dim=4)
         assert "3 steps" in row["Note"] and np.isfinite(row["CD L1 (mm)"])
@@ -169,7 +184,7 @@ def test_other_code_sizes(tiny_run):
     base = fit_bilinear(data.vertices[tr].astype(np.float64), [data.subject[i] for i in tr],
                         [data.expression[i] for i in tr], data.faces, 1, 2)
     bfm = baseline_face(base, load_template(paths.template))
-    pred_b = _fit_faces(bfm, fs, cfg.fit)[2]
+    pred_b = _fit_direct(bfm, data, data.subjects("test"), cfg.fit)
     row = _row(rec, Split="test", Method="bilinear", Dim=3)
     assert row["mean vertex error (mm)"] == pytest.approx(metrics.vertex_error(pred_b, target).mean_all, rel=1e-9)
     assert row["CD L1 (mm)"] == row["CD (mm)"]
@@ -210,7 +225,7 @@ def test_pca_exact_at_the_rank_on_training_faces(tiny_run):
 
 def test_closed_form_pca_equals_the_fitter(tiny_run):
     from cm3dmm.baselines import load_baseline
-    from cm3dmm.evaluate import fit_pca_closed
+    from cm3dmm.sizes import fit_pca_closed
     from cm3dmm.fit import fit_registered
     from cm3dmm.methods import load_method
 
@@ -336,3 +351,82 @@ def test_neural_level_meshes_in_chunks_equal_one_call(tiny_run):
         np.testing.assert_allclose(v, ref.double().numpy(), rtol=0, atol=1e-5)
         np.testing.assert_array_equal(f, ref_f.numpy())
     assert v.shape[1] > 7 and v.shape[0] == 5
+
+
+# ----------------------------------------------------------------------------- evaluate only reads
+def test_evaluate_fits_and_trains_nothing(tiny_run, monkeypatch):
+    """With the fitter, the bilinear builder and training disabled, evaluate writes the same
+    tables: every fit comes from the files of rules fit, fit_size and fit_upsampling."""
+    import cm3dmm.baselines
+    import cm3dmm.fit
+    import cm3dmm.train
+    from cm3dmm.evaluate import run_evaluate
+
+    def refuse(*a, **k):
+        raise AssertionError("evaluate must not fit or train")
+
+    for mod, name in ((cm3dmm.fit, "fit_registered"), (cm3dmm.fit, "solve_codes"),
+                      (cm3dmm.baselines, "fit_bilinear"), (cm3dmm.train, "train"), (cm3dmm.train, "run_train")):
+        monkeypatch.setattr(mod, name, refuse)
+    cfg, paths, data, ev = tiny_run
+    again = run_evaluate(cfg)
+    for name in ("reconstruction", "regions", "pca_sweep", "upsampling"):
+        pd.testing.assert_frame_equal(again.tables[name], ev.tables[name], check_exact=True)
+
+
+def test_a_missing_variant_fit_is_named(tiny_run):
+    from cm3dmm.errors import InputError
+    from cm3dmm.evaluate import run_evaluate
+
+    cfg, paths, data, ev = tiny_run
+    folder = paths.fit_dir("pca_rank")
+    moved = folder.with_name("pca_rank.away")
+    folder.rename(moved)
+    try:
+        with pytest.raises(InputError, match="fit file not found") as exc:
+            run_evaluate(cfg)
+        assert "pca_rank" in str(exc.value)
+    finally:
+        moved.rename(folder)
+
+
+def test_fit_size_variants(tiny_run):
+    """The variants of rule fit_size for the tiny config, their subjects and sizes; an unknown one
+    is one clear error."""
+    from cm3dmm.errors import InputError
+    from cm3dmm.paths import size_variants
+    from cm3dmm.sizes import run_fit_size, train_subset
+
+    cfg, paths, data, ev = tiny_run
+    # main sizes: cm3dmm 6 (fit.mode per-subject), pca 6; bilinear_dims [1, 2] with bilinear_id 2
+    assert size_variants(cfg) == ["cm3dmm_per-face", "cm3dmm_dim4", "pca_dim2", "pca_dim99", "pca_rank",
+                                  "bilinear_id1"]
+    test, train = data.subjects("test"), train_subset(cfg, data.subjects("train"))
+    assert len(train) == 2 and set(train) < set(data.subjects("train"))
+    assert sorted(p.stem for p in paths.fit_dir("cm3dmm_per-face").glob("*.npz")) == sorted(test)
+    for name, dim in (("pca_dim2", 2), ("pca_dim99", ev.rank), ("pca_rank", ev.rank), ("cm3dmm_dim4", 4)):
+        got = sorted(p.stem for p in paths.fit_dir(name).glob("*.npz"))
+        assert got == sorted(test + train), name
+        z = np.load(paths.fit_npz(name, train[0]))
+        assert z["z_id"].shape[1] + z["z_exp"].shape[1] == dim, name
+        assert str(z["method"]) == name
+    with pytest.raises(InputError, match="unknown fit variant 'pca_dimx'"):
+        run_fit_size(cfg, "pca_dimx")
+
+
+def test_upsampling_fits_are_over_the_kept_vertices(tiny_run):
+    """rule fit_upsampling fits the kept vertices only; evaluate interpolates the baselines' fits
+    on the coarse mesh and scores them against every vertex."""
+    from cm3dmm.template import load_template
+    from cm3dmm.upsampling import make_coarse
+
+    cfg, paths, data, ev = tiny_run
+    coarse = make_coarse(load_template(paths.template), 0.5)
+    subject = data.subjects("test")[0]
+    z = np.load(paths.fit_npz("pca_frac0.5", subject))
+    assert z["vertices"].shape[1] == coarse.n_kept < data.n_vertices
+    target = data.vertices[data.indices("test")].astype(np.float64)
+    pred = coarse.interpolate(z["vertices"].astype(np.float64))
+    row = _row(ev.tables["upsampling"], Fraction=0.5, Method="pca")
+    assert row["error, all vertices (mm)"] == pytest.approx(np.linalg.norm(pred - target, axis=-1).mean(), rel=1e-9)
+    assert row["Dim"] == z["z_id"].shape[1]

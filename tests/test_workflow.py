@@ -45,7 +45,7 @@ def test_test_config_end_to_end(tmp_path):
     assert np.isfinite(num.to_numpy()).all()
     assert (rec["mean vertex error (mm)"] > 0).all()
     from cm3dmm.config import load_config
-    from cm3dmm.train import extra_model_dims
+    from cm3dmm.paths import extra_model_dims
 
     cfg = load_config(REPO / "config" / "test.yaml")
     main_dim = cfg.model.id_dim + cfg.model.exp_dim

@@ -192,12 +192,16 @@ def finished(tmp_path_factory):
     with h5py.File(reg, "w") as h:  # all the DAG reads of it: the test subjects
         h["subject"] = np.array([s.encode() for s in ["anny_000", "anny_001", *test]])
         h["split"] = np.array([b"train", b"train"] + [b"test"] * len(test))
+    fits = RunPaths.of(cfg.run_dir).fits_dir
     for _ in range(3):  # the fits appear in the DAG once the checkpoint's outputs exist
         rows = [line.split("\t") for line in _snakemake(work, "--summary").splitlines()[1:]]
         missing = [Path(r[0]) for r in rows if len(r) > 4 and r[4] == "missing"]
         for path in missing:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
+            if path.parent == fits:  # the folders of rules fit_size and fit_upsampling
+                path.mkdir()
+            else:
+                path.touch()
         if not missing:
             break
     _snakemake(work, "--touch", "--forceall", "--cores", "1")
@@ -208,7 +212,7 @@ def finished(tmp_path_factory):
 
 def _expected(cfg, rules: dict) -> Counter:
     """The job names of ``rules`` ({rule: wildcard values | None}) for the test config."""
-    subjects = list(cfg.data.split.test_subjects)
+    subjects = list(cfg.data.split.test_subjects) + TRAIN_SUBSET
     methods = ["cm3dmm", *cfg.baselines.methods]
     fracs = [f"{f:g}" for f in cfg.evaluate.upsampling_fractions]
     dims = sorted({d for d in cfg.evaluate.model_dims} - {cfg.model.id_dim + cfg.model.exp_dim})
@@ -217,6 +221,8 @@ def _expected(cfg, rules: dict) -> Counter:
         "train_upsampling": [f"frac={f}" for f in fracs],
         "train_size": [f"dim={d}" for d in dims],
         "fit": [f"method={m}, subject={s}" for m in methods for s in subjects],
+        "fit_size": [f"variant={v}" for v in VARIANTS],
+        "fit_upsampling": [f"method={m}, frac={f}" for f in fracs for m in methods],
     }
     out = Counter()
     for rule, which in rules.items():
@@ -229,26 +235,47 @@ def _expected(cfg, rules: dict) -> Counter:
 
 
 ALL = None
-_AFTER_TRAIN = {"train": ALL, "train_size": ALL, "train_upsampling": ALL, "fit": ["method=cm3dmm, subject=anny_005"],
-                "evaluate": ALL, "figures": ALL, "all": ALL}
+#: the training subset of the fixture's registered.h5 (anny_000, anny_001; evaluate.train_subjects 1)
+TRAIN_SUBSET = ["anny_000"]
+#: rule fit_size's variants of config/test.yaml (cm3dmm.paths.size_variants)
+VARIANTS = ["cm3dmm_per-subject", "cm3dmm_dim8", "pca_dim8", "pca_rank", "bilinear_id2"]  # fit.mode per-face
+_CM3DMM_FITS = [f"method=cm3dmm, subject={s}" for s in ["anny_005", *TRAIN_SUBSET]]
+_CM3DMM_UPSAMPLING = ["method=cm3dmm, frac=0.25", "method=cm3dmm, frac=1"]
+_BASELINE_FITS = [f"method={m}, subject={s}" for m in ("pca", "bilinear") for s in ["anny_005", *TRAIN_SUBSET]]
+_EVALUATE = {"evaluate": ALL, "figures": ALL, "all": ALL}
+_AFTER_TRAIN = {"train": ALL, "train_size": ALL, "train_upsampling": ALL, "fit": _CM3DMM_FITS,
+                "fit_size": ["variant=cm3dmm_per-subject", "variant=cm3dmm_dim8"], "fit_upsampling": _CM3DMM_UPSAMPLING,
+                **_EVALUATE}
 #: (--config value, the rules it reruns); one edit per config section, plus single keys that only
-#: some stages read. prepare_data is a checkpoint: the fits appear once it has run.
+#: some stages read. prepare_data is a checkpoint: the jobs of rule fit appear once it has run.
 EDITS = [
     ("data={preview_subjects: 1}", {"prepare_data": ALL, "template": ALL, "cache_samples": ALL, "train_baseline": ALL,
-                                    **_AFTER_TRAIN, "fit": []}),
+                                    **_AFTER_TRAIN, "fit": [], "fit_size": ALL, "fit_upsampling": ALL}),
     ("template={margin: 0.05}", {"template": ALL, "cache_samples": ALL, "train_baseline": ALL, **_AFTER_TRAIN,
-                                 "fit": ALL}),
-    ("cache={n_heldout: 100}", {"cache_samples": ALL, **_AFTER_TRAIN, "train_upsampling": []}),
+                                 "fit": ALL, "fit_size": ALL, "fit_upsampling": ALL}),
+    ("cache={n_heldout: 100}", {"cache_samples": ALL, **_AFTER_TRAIN, "train_upsampling": [], "fit_upsampling": []}),
     ("cache={seed: 1}", {"cache_samples": ALL, **_AFTER_TRAIN}),
     ("model={decoder: {widths: [32, 32]}}", _AFTER_TRAIN),
-    ("model={id_dim: 12}", {"train_baseline": ALL, **_AFTER_TRAIN, "fit": ALL}),
+    # the main size 28 is also the PCA's (baselines.pca_dim 0): the PCA on the vertex fractions follows
+    ("model={id_dim: 12}", {"train_baseline": ALL, **_AFTER_TRAIN, "fit": ALL,
+                            "fit_upsampling": _CM3DMM_UPSAMPLING + ["method=pca, frac=0.25", "method=pca, frac=1"]}),
     ("train={lr: 2e-3}", _AFTER_TRAIN),
     ("train={threads: 1}", {}),
-    ('fit={"max_iter": 31, "tol": 1e-5, "scale": true}', {"fit": ALL, "evaluate": ALL, "figures": ALL, "all": ALL}),
-    ("baselines={bilinear_dims: [3]}", {"train_baseline": ALL, "evaluate": ALL, "figures": ALL, "all": ALL,
-                                        "fit": ["method=pca, subject=anny_005", "method=bilinear, subject=anny_005"]}),
-    ("evaluate={chamfer_points: 400}", {"evaluate": ALL, "figures": ALL, "all": ALL}),
-    ("evaluate={upsampling_steps: 10}", {"train_upsampling": ALL, "evaluate": ALL, "figures": ALL, "all": ALL}),
+    ('fit={"max_iter": 31, "tol": 1e-5, "scale": true}', {"fit": ALL, "fit_size": ALL, "fit_upsampling": ALL,
+                                                          **_EVALUATE}),
+    # fit.mode names the other code sharing's variant: its fits are a new job
+    ("fit={mode: per-subject}", {"fit": ALL, "fit_size": ["variant=cm3dmm_per-face", "variant=cm3dmm_dim8",
+                                                          "variant=pca_dim8", "variant=pca_rank",
+                                                          "variant=bilinear_id2"], "fit_upsampling": ALL, **_EVALUATE}),
+    ("baselines={bilinear_dims: [3]}", {"train_baseline": ALL, "fit": _BASELINE_FITS,
+                                        "fit_size": ["variant=bilinear_id3"], **_EVALUATE}),
+    ("baselines={bilinear_exp: 8}", {"train_baseline": ALL, "fit": _BASELINE_FITS,
+                                     "fit_size": ["variant=bilinear_id2"],
+                                     "fit_upsampling": ["method=bilinear, frac=0.25", "method=bilinear, frac=1"],
+                                     **_EVALUATE}),
+    ("evaluate={chamfer_points: 400}", _EVALUATE),
+    ("evaluate={upsampling_steps: 10}", {"train_upsampling": ALL, "fit_upsampling": _CM3DMM_UPSAMPLING, **_EVALUATE}),
+    ("evaluate={upsampling_subjects: 1}", {"fit_upsampling": ALL, **_EVALUATE}),
     ("scan_fits={noise_mm: 0.5}", {}),
     ("release={exp_num: 10}", {}),
 ]

@@ -1,5 +1,5 @@
 # Shared definitions: the validated config, the run folder, the CLI call, each rule's config part,
-# target lists.
+# target lists. Every file and folder name comes from cm3dmm.paths.
 import json
 import os
 import sys
@@ -11,7 +11,18 @@ from snakemake.utils import update_config, validate
 
 from cm3dmm.config import coerce_text_values, config_from_dict, config_subset, config_to_dict
 from cm3dmm.errors import InputError
-from cm3dmm.paths import RunPaths
+from cm3dmm.paths import (
+    FIGURES,
+    MAIN,
+    SCAN_FIT_TABLES,
+    TABLES,
+    RunPaths,
+    extra_model_dims,
+    fraction_method,
+    size_method,
+    size_variants,
+    upsampling_variants,
+)
 
 # `snakemake --config fit='{max_iter: 31}'` hands nested values over as text ('31'): read the
 # command line's values as YAML where the config expects numbers, bools or lists.
@@ -82,32 +93,98 @@ def stage_config(*keys):
     return json.dumps(part, sort_keys=True)
 
 
-def test_subjects(wildcards=None):
-    """Test subjects, read from registered.h5 once the prepare_data checkpoint has run."""
+def _subjects(split):
+    """Subjects of one split, read from registered.h5 once the prepare_data checkpoint has run."""
     import h5py
 
     path = checkpoints.prepare_data.get().output.registered
     with h5py.File(path, "r") as h:
         subj = [s.decode() if isinstance(s, bytes) else str(s) for s in h["subject"][()]]
-        split = [s.decode() if isinstance(s, bytes) else str(s) for s in h["split"][()]]
+        sp = [s.decode() if isinstance(s, bytes) else str(s) for s in h["split"][()]]
     seen = {}
-    for s, sp in zip(subj, split):
-        if sp == "test":
+    for s, x in zip(subj, sp):
+        if x == split:
             seen.setdefault(s, None)
     return list(seen)
 
 
-def fit_outputs(wildcards=None):
+def test_subjects(wildcards=None):
+    return _subjects("test")
+
+
+def train_subjects(wildcards=None):
+    """The training subjects fitted for representation power (evaluate.train_subjects)."""
+    from cm3dmm.sizes import train_subset
+
+    return train_subset(CFG, _subjects("train"))
+
+
+def test_fit_outputs(wildcards=None):
     return [str(P.fit_npz(m, s)) for m in METHODS for s in test_subjects()]
 
 
-def final_outputs(wildcards=None):
-    from cm3dmm.paths import FIGURES, TABLES
+def fit_outputs(wildcards=None):
+    """Every job of the fit rule: each method on the test subjects and the training subset."""
+    return [str(P.fit_npz(m, s)) for m in METHODS for s in test_subjects() + train_subjects()]
 
+
+def final_outputs(wildcards=None):
     out = [str(P.table(name, "csv")) for name in TABLES] + SCAN_FIT_OUTPUTS  # scanfits.smk
     if CFG.evaluate.figures:
         out += [str(P.figure(name)) for name in FIGURES]
     return out
+
+
+# --------------------------------------------------------------------------- the extra models and fits
+UPSAMPLING_METHODS = [fraction_method(f) for f in CFG.evaluate.upsampling_fractions]
+UPSAMPLING_MODELS = [str(P.model(m)) for m in UPSAMPLING_METHODS]
+SIZE_MODELS = [str(P.model(size_method(d))) for d in extra_model_dims(CFG)]
+SIZE_FITS = [str(P.fit_dir(v)) for v in size_variants(CFG)]
+UPSAMPLING_FITS = [str(P.fit_dir(fraction_method(f, m))) for m, f in upsampling_variants(CFG)]
+#: the fit folders of fit_size (cm3dmm.paths.size_variants)
+SIZE_VARIANT = r"cm3dmm_per-face|cm3dmm_per-subject|cm3dmm_dim[0-9]+|pca_dim[0-9]+|pca_rank|bilinear_id[0-9]+"
+
+
+def fit_size_inputs(wildcards):
+    """The inputs of fit_size: the model it fits (the continuous ones) or the data it builds it from."""
+    base = {"registered": str(P.registered), "template": str(P.template)}
+    v = wildcards.variant
+    if v.startswith(f"{MAIN}_dim"):
+        return {**base, "model": str(P.model(v))}
+    if v.startswith(f"{MAIN}_"):
+        return {**base, "model": str(P.model(MAIN))}
+    return base
+
+
+def fit_size_config(wildcards):
+    """The params of fit_size: the config parts its variant reads."""
+    keys = ["fit"]
+    if wildcards.variant.startswith(f"{MAIN}_per-"):
+        return stage_config(*keys)  # the test subjects only
+    keys.append("evaluate.train_subjects")
+    if wildcards.variant.startswith("bilinear"):
+        keys.append("baselines.bilinear_exp")
+    return stage_config(*keys)
+
+
+def fit_upsampling_inputs(wildcards):
+    base = {"registered": str(P.registered), "template": str(P.template)}
+    if wildcards.method == MAIN:
+        return {**base, "model": str(P.model(fraction_method(wildcards.frac)))}
+    return base
+
+
+def fit_upsampling_config(wildcards):
+    """The params of fit_upsampling: the config parts its method reads (the baselines are trained
+    there: their sizes)."""
+    keys = ["fit", "evaluate.upsampling_subjects"]
+    if wildcards.method == "pca":
+        keys += ["baselines.pca_dim"] + (
+            ["model.id_dim", "model.exp_dim"] if not CFG.baselines.pca_dim else []
+        )
+    elif wildcards.method == "bilinear":
+        keys += ["baselines.bilinear_id", "baselines.bilinear_exp"]
+    return stage_config(*keys)
 
 
 # --------------------------------------------------------------------------- rule inputs / outputs
@@ -124,8 +201,6 @@ def prepare_outputs():
 
 def table_outputs():
     """The evaluate rule's outputs: every table as csv / md / tex / html (the html in the report)."""
-    from cm3dmm.paths import TABLES
-
     out = {}
     for name in TABLES:
         for fmt in ("csv", "md", "tex"):
@@ -138,12 +213,12 @@ def table_outputs():
         )
     out["protocol"] = str(P.protocol)
     out["protocol_html"] = report(
-        str(P.protocol.with_suffix(".html")),
+        str(P.protocol_html),
         category="5. Tables",
         caption="../report/protocol.rst",
         labels={"table": "protocol"},
     )
-    out["facts"] = str(P.tables_dir / "facts.json")
+    out["facts"] = str(P.facts)
     return out
 
 

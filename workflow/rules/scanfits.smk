@@ -3,8 +3,6 @@
 # method, scored against the registered truth beside the same faces' registered fits
 # (cm3dmm.scanfit_eval; config section `scan_fits`) -> tables/scan_fits.{csv,md,tex,html},
 # tables/scan_fits_faces.csv (one row per face and variant), tables/scan_fits_protocol.md.
-from cm3dmm.paths import SCAN_FIT_TABLES
-
 SCAN_FIT_METHODS = list(CFG.scan_fits.methods) or METHODS
 SCAN_FIT_OUTPUTS = [str(P.table(name, "csv")) for name in SCAN_FIT_TABLES]
 
@@ -24,8 +22,8 @@ rule scan_fits:
             caption="../report/table_scan_fits.rst",
             labels={"table": "scan_fits"},
         ),
-        faces=str(P.tables_dir / "scan_fits_faces.csv"),
-        protocol=str(P.tables_dir / "scan_fits_protocol.md"),
+        faces=str(P.scan_fit_faces),
+        protocol=str(P.scan_fit_protocol),
     log:
         str(P.log("scan_fits")),
     conda:
