@@ -91,9 +91,14 @@ def ref(tmp_path_factory):
     csv = corpus.write_faces(root / "data")
     run = root / "ref" / "run"  # every run is named "run" (the tables name it)
     cfg = corpus.write_config(root / "ref.yaml", config_values(run, csv))
+    from cm3dmm.config import load_config
+    from cm3dmm.paths import size_variants
+
+    # the fits of rule fit_size (the reconstruction table's other rows) are jobs before evaluate
+    sizes = [["fit-size", "--variant", v] for v in size_variants(load_config(cfg, []))]
     for argv in (["prepare"], ["template"], ["cache"], ["train"], ["train-baseline", "pca"],
                  ["fit", "--method", "cm3dmm", "--subject", corpus.TEST_SUBJECT],
-                 ["fit", "--method", "pca", "--subject", corpus.TEST_SUBJECT], ["evaluate"]):
+                 ["fit", "--method", "pca", "--subject", corpus.TEST_SUBJECT], *sizes, ["evaluate"]):
         assert main([argv[0], "--config", str(cfg), *argv[1:]]) == 0, argv
     return root, run, csv
 

@@ -279,8 +279,14 @@ def test_evaluation_runs_on_the_imported_model(tmp_path):
     (tmp_path / "release").mkdir()
     files = build_release_files(tmp_path / "release", load_template(paths.template))
     import_release(files["ckpt"], files["pre"], paths.model("cm3dmm"))
-    for s in data.subjects("test"):
+    from cm3dmm.paths import size_variants
+    from cm3dmm.sizes import run_fit_size, train_subset
+
+    # the workflow's fit jobs: the fit stage on the test subjects and the training subset, rule fit_size
+    for s in data.subjects("test") + train_subset(cfg, data.subjects("train")):
         run_fit(cfg, method="cm3dmm", subject=s)
+    for v in size_variants(cfg):
+        run_fit_size(cfg, v)
     ev = run_evaluate(cfg)
     rec = ev.tables["reconstruction"]
     assert set(rec["Method"]) == {"cm3dmm"} and set(rec["Dim"]) == {2 * CODE}
