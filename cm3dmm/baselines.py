@@ -322,13 +322,14 @@ class BilinearModel(_Baseline):
 
     @property
     def code_stats(self) -> dict:
-        """Per-dimension mean / std of the training identity and expression weights."""
+        """Per-dimension mean / std of the training identity and expression weights, in the model
+        files' layout (``id_mean``, ``id_std``, ``exp_mean``, ``exp_std``)."""
 
-        def stats(w):
-            sd = w.std(axis=0, ddof=1) if len(w) > 1 else np.ones(w.shape[1])
-            return {"mean": w.mean(axis=0), "std": np.maximum(sd, 1e-8)}
+        def sd(w):
+            return np.maximum(w.std(axis=0, ddof=1), 1e-8) if len(w) > 1 else np.ones(w.shape[1])
 
-        return {"id": stats(self.id_weights), "exp": stats(self.exp_weights)}
+        return {"id_mean": self.id_weights.mean(axis=0), "id_std": sd(self.id_weights),
+                "exp_mean": self.exp_weights.mean(axis=0), "exp_std": sd(self.exp_weights)}
 
     def decode(self, w_id: np.ndarray, w_exp: np.ndarray) -> np.ndarray:
         """w_id (B, Di) or (Di,), w_exp (B, De) or (De,) (broadcast over B) -> (B, V, 3)."""

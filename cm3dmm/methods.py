@@ -401,34 +401,17 @@ def _non_finite(obj, where: str = "") -> str | None:
     return None
 
 
-def _get(obj, *names, default=None):
-    for n in names:
-        if isinstance(obj, dict) and n in obj:
-            return obj[n]
-        if not isinstance(obj, dict) and hasattr(obj, n):
-            return getattr(obj, n)
-    return default
-
-
 def _prior_from_extra(extra: dict, name: str, dim: int, fallback_std: float) -> CodePrior:
-    """Code statistics of block ``name`` ("id" / "exp") from a model file's ``extra``.
-
-    Accepted: ``extra["code_stats"][name] = {"mean", "std"}`` or ``extra["code_stats"]
-    ["{name}_mean" / "{name}_std"]``, else the code table ``extra["{name}_codes"]``, else
-    N(0, fallback_std).
-    """
-    stats = _get(extra, "code_stats", "code_statistics", default=None) or {}
-    block = _get(stats, name, default=None)
-    mean = _get(block, "mean") if block is not None else _get(stats, f"{name}_mean")
-    std = _get(block, "std") if block is not None else _get(stats, f"{name}_std")
+    """Code statistics of block ``name`` ("id" / "exp") from ``extra["code_stats"]["{name}_mean" /
+    "{name}_std"]`` (the layout every model file of the project writes: training, the release import,
+    and the bilinear baseline's ``code_stats``), else N(0, fallback_std) with a warning."""
+    stats = extra.get("code_stats") or {}
+    mean, std = stats.get(f"{name}_mean"), stats.get(f"{name}_std")
     if mean is not None and std is not None:
         mean = torch.as_tensor(np.asarray(mean), dtype=torch.float32).reshape(-1)
         std = torch.as_tensor(np.asarray(std), dtype=torch.float32).reshape(-1)
         if mean.shape == (dim,) and std.shape == (dim,):
             return CodePrior(mean, std.clamp_min(1e-6))
-    table = _get(extra, f"{name}_codes", default=None)
-    if table is not None and np.asarray(table).ndim == 2 and np.asarray(table).shape[1] == dim:
-        return CodePrior.from_codes(table)
     log.warning("model file has no %s code statistics; using N(0, %g)", name, fallback_std)
     return CodePrior.standard(dim, fallback_std)
 
@@ -448,7 +431,9 @@ def load_method(path: str | os.PathLike, template=None, expect: str | None = Non
         from cm3dmm.model import load_model
 
         model, extra = load_model(path)
-        code_std = float(_get(_get(extra, "train_config", default={}) or {}, "code_std", default=0.01) or 0.01)
+        from cm3dmm.config import TrainConfig
+
+        code_std = float((extra.get("train_config") or {}).get("code_std", TrainConfig.code_std))
         return NeuralFace(model, _prior_from_extra(extra, "id", model.id_dim, code_std),
                           _prior_from_extra(extra, "exp", model.exp_dim, code_std))
     from cm3dmm import baselines
@@ -459,22 +444,17 @@ def load_method(path: str | os.PathLike, template=None, expect: str | None = Non
 
 def baseline_face(base, template=None) -> FaceModel:
     """Wrap a loaded baseline (``cm3dmm.baselines``) as a :class:`FaceModel`."""
-    tpl = template if template is not None else _get(base, "template", default=None)
-    faces = _get(base, "faces", default=None)
-    if faces is None and tpl is not None:
-        faces = tpl.faces
+    tpl = template
+    faces = base.faces
     landmarks = dict(getattr(tpl, "landmarks", None) or {})
     levels = _levels_of(tpl) if tpl is not None else []
-    name = str(_get(base, "method", default=type(base).__name__.lower()))
-    if "pca" in name:
-        mean = np.asarray(_get(base, "mean"), np.float64).reshape(-1, 3)
-        basis = np.asarray(_get(base, "components", "basis"), np.float64)
+    if base.method == "pca":
+        mean = np.asarray(base.mean, np.float64).reshape(-1, 3)
+        basis = np.asarray(base.components, np.float64)
         basis = basis.reshape(basis.shape[0], -1, 3)
-        std = np.asarray(_get(base, "std", "stds", "sigma", "code_std"), np.float64).reshape(-1)
-        code_mean = _get(base, "code_mean", default=None)
-        return PCAFace(mean, basis, std, faces, landmarks, levels, code_mean=code_mean)
-    core = np.asarray(_get(base, "core_augmented", "core"), np.float64)
-    stats = _get(base, "code_stats", default={}) or {}
-    id_p = _prior_from_extra({"code_stats": stats}, "id", core.shape[0] - 1, 1.0)
-    ex_p = _prior_from_extra({"code_stats": stats}, "exp", core.shape[1] - 1, 1.0)
+        std = np.asarray(base.std, np.float64).reshape(-1)
+        return PCAFace(mean, basis, std, faces, landmarks, levels, code_mean=base.code_mean)
+    core = np.asarray(base.core_augmented, np.float64)
+    id_p = _prior_from_extra({"code_stats": base.code_stats}, "id", core.shape[0] - 1, 1.0)
+    ex_p = _prior_from_extra({"code_stats": base.code_stats}, "exp", core.shape[1] - 1, 1.0)
     return BilinearFace(core, faces, id_p, ex_p, landmarks, levels)

@@ -139,8 +139,8 @@ def test_bilinear_fit_recovers_generated_subject():
     m = fit_bilinear(x, subj, expr, FACES, id_dim=3, exp_dim=3)
     rng = np.random.default_rng(9)
     st = m.code_stats
-    w_id = st["id"]["mean"] + rng.normal(size=3) * st["id"]["std"]
-    w_exp = st["exp"]["mean"] + rng.normal(size=(4, 3)) * st["exp"]["std"]
+    w_id = st["id_mean"] + rng.normal(size=3) * st["id_std"]
+    w_exp = st["exp_mean"] + rng.normal(size=(4, 3)) * st["exp_std"]
     target = m.decode(w_id, w_exp)  # (4, V, 3): one subject, four expressions
     res = _fit(m, target, prior_weight=1e-12, max_iter=500, tol=1e-14)
     assert res.shared_identity
@@ -169,17 +169,17 @@ def test_bilinear_fit_objective_and_methods_agree():
     for optimizer in ("lm", "lbfgs"):
         r = _fit(m, target, prior_weight=reg, optimizer=optimizer, max_iter=2000, tol=1e-13)
         direct = (((r.vertices - target) ** 2).sum(-1).mean(-1)).sum() + reg * (
-            (((r.z_id[0] - st["id"]["mean"]) / st["id"]["std"]) ** 2).sum()
-            + (((r.z_exp - st["exp"]["mean"]) / st["exp"]["std"]) ** 2).sum())
+            (((r.z_id[0] - st["id_mean"]) / st["id_std"]) ** 2).sum()
+            + (((r.z_exp - st["exp_mean"]) / st["exp_std"]) ** 2).sum())
         assert r.info.objective == pytest.approx(direct, rel=1e-5)
         fits[optimizer] = r
     assert fits["lm"].info.converged
     assert fits["lbfgs"].info.objective <= fits["lm"].info.objective <= fits["lbfgs"].info.objective * (1 + 5e-4)
     # ridge pulls towards the training mean code
     strong = _fit(m, target, prior_weight=1e12)
-    np.testing.assert_allclose(strong.z_id[0], st["id"]["mean"], atol=1e-3 * st["id"]["std"].max() + 1e-3)
-    np.testing.assert_allclose(strong.z_exp, np.repeat(st["exp"]["mean"][None], 6, 0),
-                               atol=1e-3 * st["exp"]["std"].max() + 1e-3)
+    np.testing.assert_allclose(strong.z_id[0], st["id_mean"], atol=1e-3 * st["id_std"].max() + 1e-3)
+    np.testing.assert_allclose(strong.z_exp, np.repeat(st["exp_mean"][None], 6, 0),
+                               atol=1e-3 * st["exp_std"].max() + 1e-3)
 
 
 def test_bilinear_imputes_missing_pairs():
