@@ -251,17 +251,12 @@ class _Ctx:
     """Everything the tables share: config, paths, data, template, models."""
 
     def __init__(self, cfg):
-        from cm3dmm.registered import read_registered
-        from cm3dmm.template import load_template
+        from cm3dmm.registered import read_run_inputs
 
         self.cfg = cfg
         self.ec = cfg.evaluate
         self.paths = RunPaths.of(cfg.run_dir)
-        self.data = read_registered(self.paths.registered, with_scans=False)
-        self.template = load_template(self.paths.template)
-        if self.data.n_vertices != self.template.n_vertices:
-            raise InputError(f"registered.h5 has {self.data.n_vertices} vertices, the template "
-                             f"{self.template.n_vertices}: rerun the template stage", self.paths.template)
+        self.template, self.data = read_run_inputs(self.paths)
         self.faces = np.asarray(self.template.faces)
         self.labels = np.asarray(self.template.regions, np.int64)
         self.region_names = list(self.template.region_names)

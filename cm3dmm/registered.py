@@ -272,6 +272,19 @@ def read_registered(path: str | os.PathLike, with_scans: bool = True) -> Registe
     return data
 
 
+def read_run_inputs(paths):
+    """A run's template and registered data (without scans), checked against each other: the
+    inputs of every stage after the template's (``paths``: a :class:`cm3dmm.paths.RunPaths`)."""
+    from cm3dmm.template import load_template
+
+    template = load_template(paths.template)
+    data = read_registered(paths.registered, with_scans=False)
+    if data.n_vertices != template.n_vertices:
+        raise InputError(f"registered.h5 has {data.n_vertices} vertices, the template {template.n_vertices}: "
+                         "rerun the template stage", paths.template)
+    return template, data
+
+
 def stored_hash(path: str | os.PathLike) -> str:
     """The content hash stored in a registered.h5 / template / cache file's attributes."""
     with open_h5(path) as h:

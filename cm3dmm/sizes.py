@@ -175,19 +175,14 @@ def run_fit_size(cfg, variant: str) -> list[Path]:
     """Stage entry (rule ``fit_size``): the fits of one variant (module docstring) ->
     ``fits/{variant}/{subject}.npz|json|png`` for the test subjects and the training subset."""
     from cm3dmm.methods import baseline_face, load_method
-    from cm3dmm.registered import read_registered
-    from cm3dmm.template import load_template
+    from cm3dmm.registered import read_run_inputs
 
     method, kind, number = split_variant(variant)
     if variant not in size_variants(cfg):
         log.warning("fit variant %s is not one the configuration asks for (%s)", variant,
                     ", ".join(size_variants(cfg)))
     paths = RunPaths.of(cfg.run_dir)
-    template = load_template(paths.template)
-    data = read_registered(paths.registered, with_scans=False)
-    if data.n_vertices != template.n_vertices:
-        raise InputError(f"registered.h5 has {data.n_vertices} vertices, the template {template.n_vertices}: "
-                         "rerun the template stage", paths.template)
+    template, data = read_run_inputs(paths)
     test = data.subjects("test")
     if not test:
         raise InputError("the dataset has no test subjects", paths.registered)

@@ -239,15 +239,10 @@ def _fraction(fraction) -> float:
 
 def _inputs(cfg):
     """The run's paths, template and registered data (checked against each other)."""
-    from cm3dmm.registered import read_registered
-    from cm3dmm.template import load_template
+    from cm3dmm.registered import read_run_inputs
 
     paths = RunPaths.of(cfg.run_dir)
-    template = load_template(paths.template)
-    data = read_registered(paths.registered, with_scans=False)
-    if data.n_vertices != template.n_vertices:
-        raise InputError(f"registered.h5 has {data.n_vertices} vertices, the template {template.n_vertices}: "
-                         "rerun the template stage", paths.template)
+    template, data = read_run_inputs(paths)
     idx = data.indices("train")
     if len(idx) == 0:
         raise InputError("the train split is empty", paths.registered)
