@@ -249,6 +249,7 @@ def closest_points_on_mesh(
     max_distance: float | None = None,
     chunk: int = 8192,
     pair_budget: int = 1 << 20,
+    candidates: int = 16,
 ) -> MeshProjection:
     """Exact closest-point projection of points onto a triangle mesh.
 
@@ -263,9 +264,11 @@ def closest_points_on_mesh(
        point's distance (exact point-triangle distance, :func:`closest_points_on_triangles`);
     2. triangles are grouped into radius classes (factor-2 bins around the median radius),
        one tree per class. For a class whose largest radius is ``R`` every triangle that can
-       beat the current bound has its centroid within ``bound + R`` of the point: a ball
-       query returns them, those with ``|p - c_t| - r_t > bound`` are dropped and the rest
-       evaluated exactly; the bound tightens class by class (most populated first).
+       beat the current bound has its centroid within ``bound + R`` of the point: the
+       ``candidates`` nearest centroids of the class (one array query) hold all of them unless
+       the last one is still inside that ball — only those points take a ball query (lists) —;
+       those with ``|p - c_t| - r_t > bound`` are dropped and the rest evaluated exactly; the
+       bound tightens class by class (most populated first).
 
     The per-class radius keeps the balls small when triangle sizes vary (a few large
     triangles do not widen the search among the many small ones). The result equals brute
@@ -315,6 +318,20 @@ def closest_points_on_mesh(
     dist = np.empty(M)
     tri = np.empty(M, np.int64)
     bary = np.empty((M, 3))
+    best = best_t = best_b = None
+
+    def _improve(p, pi, ti, reach):  # candidate pairs (point row, triangle): keep any closer triangle
+        keep = np.linalg.norm(p[pi] - centroids[ti], axis=1) - radii[ti] <= reach[pi]
+        pi, ti = pi[keep], ti[keep]
+        if not len(pi):
+            return
+        dd, bb = exact(p[pi], ti)
+        # the first minimum of each point's group
+        order = np.lexsort((dd, pi))
+        head = order[np.flatnonzero(np.r_[True, pi[order][1:] != pi[order][:-1]])]
+        win = head[dd[head] < best[pi[head]]]
+        best[pi[win]], best_t[pi[win]], best_b[pi[win]] = dd[win], ti[win], bb[win]
+
     for s in range(0, M, chunk):
         p = pts[s:s + chunk].astype(np.float64)
         n = len(p)
@@ -328,29 +345,33 @@ def closest_points_on_mesh(
         # 2. per radius class: every triangle whose bound does not exclude it
         for ids, tree, rc in classes:
             reach = best if max_distance is None else np.minimum(best, max_distance)
-            counts = tree.query_ball_point(p, reach + rc, return_length=True)
-            cum = np.cumsum(counts)
-            lo = 0
-            while lo < n:
-                base = int(cum[lo - 1]) if lo else 0
-                hi = max(int(np.searchsorted(cum, base + pair_budget, side="right")), lo + 1)
-                hi = min(hi, n)
-                lists = tree.query_ball_point(p[lo:hi], reach[lo:hi] + rc, return_sorted=False)
-                lens = np.fromiter(map(len, lists), np.intp, count=hi - lo)
-                total = int(lens.sum())
-                if total:
-                    pi = np.repeat(np.arange(lo, hi), lens)
-                    ti = ids[np.fromiter(itertools.chain.from_iterable(lists), np.intp, count=total)]
-                    keep = np.linalg.norm(p[pi] - centroids[ti], axis=1) - radii[ti] <= reach[pi]
-                    pi, ti = pi[keep], ti[keep]
-                    if len(pi):
-                        dd, bb = exact(p[pi], ti)
-                        # pi is grouped by point: the first minimum of each group
-                        order = np.lexsort((dd, pi))
-                        head = order[np.flatnonzero(np.r_[True, pi[order][1:] != pi[order][:-1]])]
-                        win = head[dd[head] < best[pi[head]]]
-                        best[pi[win]], best_t[pi[win]], best_b[pi[win]] = dd[win], ti[win], bb[win]
-                lo = hi
+            radius = reach + rc
+            kk = min(candidates, len(ids))
+            # the kk nearest centroids within the largest radius: arrays, no per-point lists
+            dk, jk = tree.query(p, k=kk, distance_upper_bound=float(radius.max()))
+            dk, jk = dk.reshape(n, kk), jk.reshape(n, kk)
+            inside = dk <= radius[:, None]
+            pi, ti = np.nonzero(inside)
+            ti = ids[jk[pi, ti]]
+            _improve(p, pi, ti, reach)
+            # rows whose kk-th centroid is inside their ball may have more candidates: ball lists
+            more = np.flatnonzero(inside[:, -1]) if kk < len(ids) else np.zeros(0, np.int64)
+            if len(more):
+                counts = tree.query_ball_point(p[more], radius[more], return_length=True)
+                cum = np.cumsum(counts)
+                lo = 0
+                while lo < len(more):
+                    base = int(cum[lo - 1]) if lo else 0
+                    hi = min(max(int(np.searchsorted(cum, base + pair_budget, side="right")), lo + 1), len(more))
+                    rows = more[lo:hi]
+                    lists = tree.query_ball_point(p[rows], radius[rows], return_sorted=False)
+                    lens = np.fromiter(map(len, lists), np.intp, count=len(rows))
+                    total = int(lens.sum())
+                    if total:
+                        pi = np.repeat(rows, lens)
+                        ti = ids[np.fromiter(itertools.chain.from_iterable(lists), np.intp, count=total)]
+                        _improve(p, pi, ti, reach)
+                    lo = hi
         dist[s:s + n], tri[s:s + n], bary[s:s + n] = best, best_t, best_b
     closest = np.einsum("mk,mki->mi", bary, corners[tri])
     return MeshProjection(

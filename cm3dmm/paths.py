@@ -4,7 +4,7 @@
     results/{run}/template/template.npz, uv_mask.png, uv_layout.png, unwrap.json, levels.png
     results/{run}/cache/{split}.h5
     results/{run}/models/{name}/model.pt, train_log.csv, loss.png, summary.json, checkpoints/
-    results/{run}/fits/{name}/{subject}.npz, {subject}.json, {subject}.png
+    results/{run}/fits/{name}/{subject}.npz, {subject}.json, {subject}.png (table variants: first subject's only)
     results/{run}/tables/{table}.csv|md|tex|html, protocol.md|html, facts.json,
                          scan_fits_faces.csv, scan_fits_protocol.md
     results/{run}/figures/{figure}.png

@@ -135,7 +135,9 @@ def fit_faces(fm, targets: np.ndarray, fc, pca=None):
 def write_subject_fits(fm, data, subjects: list[str], fc, paths: RunPaths, name: str,
                        vertex_ids: np.ndarray | None = None, pca=None) -> list[Path]:
     """Fit each subject's faces (every expression, file order; only ``vertex_ids`` of each when
-    given) and write ``fits/{name}/{subject}.npz|json|png`` (:func:`cm3dmm.fit.write_fit`)."""
+    given) and write ``fits/{name}/{subject}.npz|json`` (:func:`cm3dmm.fit.write_fit`) plus the
+    figure ``.png`` of the first subject (a picture per subject costs ~1.8 s each, a quarter of a
+    variant's job; the fit stage draws every subject of the main methods)."""
     from cm3dmm.fit import write_fit
 
     written = []
@@ -148,7 +150,8 @@ def write_subject_fits(fm, data, subjects: list[str], fc, paths: RunPaths, name:
             targets = targets[:, vertex_ids]
         result = fit_faces(fm, targets, fc, pca)
         out = paths.fit_npz(name, subject)
-        write_fit(out, result, fm, name, subject, [data.expression[i] for i in idx], "registered", fc)
+        write_fit(out, result, fm, name, subject, [data.expression[i] for i in idx], "registered", fc,
+                  picture=not written)
         written.append(out)
     return written
 

@@ -410,6 +410,9 @@ def test_fit_size_variants(tiny_run):
         z = np.load(paths.fit_npz(name, train[0]))
         assert z["z_id"].shape[1] + z["z_exp"].shape[1] == dim, name
         assert str(z["method"]) == name
+        # one figure per variant (its first subject), none for the others
+        pngs = sorted(p.stem for p in paths.fit_dir(name).glob("*.png"))
+        assert pngs == [test[0]], (name, pngs)
     with pytest.raises(InputError, match="unknown fit variant 'pca_dimx'"):
         run_fit_size(cfg, "pca_dimx")
 

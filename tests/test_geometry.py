@@ -197,9 +197,11 @@ def test_closest_points_on_mesh_equals_brute_force(big):
     assert res.dist.dtype == P.dtype and res.tri.shape == (len(P),)
 
 
-def test_closest_points_on_mesh_small_budgets_and_mixed_sizes_equal_brute_force():
+@pytest.mark.parametrize("candidates", [1, 4, 16])
+def test_closest_points_on_mesh_small_budgets_and_mixed_sizes_equal_brute_force(candidates):
     # triangle sizes spanning several radius classes, points near and far, and budgets so
-    # small that every chunk and every ball query is split: still the brute-force answer
+    # small that every chunk and every ball query is split; with few nearest-centroid candidates
+    # most points also take the ball-list path: still the brute-force answer
     rng = np.random.default_rng(7)
     d = make_registered(grid=12, n_subjects=1, n_expr=1, test_subjects=0)
     v = d.vertices[0].astype(np.float64)
@@ -208,7 +210,7 @@ def test_closest_points_on_mesh_small_budgets_and_mixed_sizes_equal_brute_force(
     P = np.concatenate([rng.uniform(v.min(0) - 40, v.max(0) + 40, (150, 3)),
                         barycentric_interpolate(v, f, *sample_surface(v, f, 150, rng))
                         + rng.normal(0, 0.3, (150, 3))])
-    res = closest_points_on_mesh(P, v, f, chunk=64, pair_budget=50)
+    res = closest_points_on_mesh(P, v, f, chunk=64, pair_budget=50, candidates=candidates)
     q, _ = closest_points_on_triangles(P[:, None], v[f[:, 0]][None], v[f[:, 1]][None], v[f[:, 2]][None])
     d_all = np.linalg.norm(q - P[:, None], axis=-1)
     np.testing.assert_allclose(res.dist, d_all.min(1), rtol=0, atol=1e-9)

@@ -50,8 +50,12 @@ def read_fit(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def write_fit(out_npz: Path, result: FitResult, fm: FaceModel, method: str, subject: str,
-              expressions: list[str], kind: str, fc: FitConfig, scans=None, meshes: bool = False) -> dict:
-    """Write the ``.npz``, ``.json``, ``.png`` (and meshes) of a fit; everything atomically."""
+              expressions: list[str], kind: str, fc: FitConfig, scans=None, meshes: bool = False,
+              picture: bool = True) -> dict:
+    """Write the ``.npz``, ``.json``, ``.png`` (and meshes) of a fit; everything atomically.
+
+    ``picture=False`` skips the ``.png`` (the summary then names no figure); the fit stage always
+    draws it, the table variants of ``fit_size`` / ``fit_upsampling`` only for their first subject."""
     from cm3dmm.config import config_to_dict
     from cm3dmm.io.atomic import atomic_save_npz, atomic_write_json
 
@@ -96,8 +100,9 @@ def write_fit(out_npz: Path, result: FitResult, fm: FaceModel, method: str, subj
         faces=np.asarray(fm.faces, np.int32), method=np.array(method), subject=np.array(subject),
         converged=np.array(info.converged), seconds=np.array(result.seconds))
     try:
-        render_fit_png(out_npz.with_suffix(".png"), result, fm, expressions)
-        summary["png"] = str(out_npz.with_suffix(".png"))
+        if picture:
+            render_fit_png(out_npz.with_suffix(".png"), result, fm, expressions)
+            summary["png"] = str(out_npz.with_suffix(".png"))
     except Exception as exc:  # noqa: BLE001 - a missing OpenGL must not lose the fit
         log.warning("could not render %s (%s)", out_npz.with_suffix(".png"), exc)
         summary["warnings"].append(f"no figure: {exc}")
