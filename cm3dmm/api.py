@@ -521,18 +521,10 @@ def run_sample(model: str, n: int = 8, seed: int = 0, level: int = 0, grid: int 
 
 def read_codes(path: str | os.PathLike) -> Codes:
     """Codes from an ``.npz`` with ``z_id`` and ``z_exp`` (``cm3dmm sample``'s codes.npz, a fit's .npz)."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError("codes file not found", p)
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            if "z_id" not in z.files or "z_exp" not in z.files:
-                raise InputError(f"codes file has no z_id / z_exp arrays (it has {z.files})", p)
-            return Codes(z["z_id"], z["z_exp"])
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input problem
-        raise InputError(f"codes file is not a readable .npz ({type(exc).__name__})", p) from None
+    from cm3dmm.io.npz import read_npz
+
+    z = read_npz(path, "codes file", ("z_id", "z_exp"))
+    return Codes(z["z_id"], z["z_exp"])
 
 
 def run_mesh(model: str, codes: str | None = None, index: list[int] | None = None, level: int = 0,

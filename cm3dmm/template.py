@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 from cm3dmm.errors import InputError
 from cm3dmm.io.atomic import atomic_path, atomic_save_npz, atomic_write_json
 from cm3dmm.io.hdf5 import hash_arrays
+from cm3dmm.io.npz import read_npz
 from cm3dmm.upsample import Level, subdivide, uv_grid_from
 from cm3dmm.uv import UVLocator, interpolate, unwrap
 
@@ -138,15 +138,7 @@ def load_template(path: str | os.PathLike) -> Template:
     """Read a template.npz; InputError when missing, truncated, corrupt, of another
     format version, or when its content does not match its stored hash."""
     path = Path(path)
-    if not path.exists():
-        raise InputError("template not found (run the template stage)", path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
-        raise InputError(f"template is corrupt or truncated ({str(exc)[:120]})", path) from None
-    except Exception as exc:  # zlib.error and friends
-        raise InputError(f"template is corrupt or truncated ({type(exc).__name__})", path) from None
+    data = read_npz(path, "template", absent_hint="run the template stage", bad_hint="rerun the template stage")
     version = int(data["format_version"]) if "format_version" in data else -1
     if version != FORMAT_VERSION:
         raise InputError(f"template format_version {version} is not {FORMAT_VERSION}; "

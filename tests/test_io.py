@@ -362,3 +362,41 @@ def test_is_unreadable_tells_permissions_from_corruption():
     assert not is_unreadable(OSError(errno.EINVAL, "Invalid argument"))  # torch's truncated zip
     assert not is_unreadable(OSError("Unable to synchronously open file (truncated file)"))
     assert not is_unreadable(RuntimeError("x"))
+
+
+def test_read_npz_messages_name_the_file_and_the_problem(tmp_path):
+    """cm3dmm.io.npz.read_npz, the reader under load_template / read_fit / read_codes: arrays read
+    eagerly; absent, truncated, non-zip, pickled and incomplete files are one InputError each."""
+    from cm3dmm.io.npz import read_npz
+
+    good = tmp_path / "a.npz"
+    np.savez(good, x=np.arange(6.0).reshape(2, 3), name=np.array("s001"))
+    z = read_npz(good, "thing", ("x",))
+    assert z["x"].shape == (2, 3) and float(z["x"][1, 2]) == 5.0 and str(z["name"]) == "s001"
+
+    def fails(path, *args, **kw):
+        with pytest.raises(InputError) as ei:
+            read_npz(path, "thing", *args, **kw)
+        assert Path(ei.value.path) == path
+        return ei.value.problem
+
+    assert fails(tmp_path / "none.npz", absent_hint="make one") == "thing not found (make one)"
+    assert fails(tmp_path) == "thing not found"  # a folder is not the file
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    msg = fails(cut, bad_hint="rebuild it")
+    assert msg.startswith("thing is corrupt or truncated (BadZipFile: ") and msg.endswith("): rebuild it")
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(bytes(range(256)) * 4)
+    assert fails(junk) == "thing is corrupt or truncated (not an .npz archive: no zip signature)"
+    npy = tmp_path / "plain.npz"  # an .npy under an .npz name: np.load would return an array
+    with open(npy, "wb") as f:
+        np.save(f, np.zeros(3))
+    assert "no zip signature" in fails(npy)
+    pickled = tmp_path / "obj.npz"
+    np.savez(pickled, o=np.array([{"a": 1}], dtype=object))
+    assert fails(pickled).startswith("thing is corrupt or truncated (ValueError: ")
+    assert fails(good, ("x", "y", "z"), bad_hint="rebuild it") == "thing lacks y, z (it has name, x): rebuild it"
+    empty = tmp_path / "empty.npz"
+    np.savez(empty)
+    assert fails(empty, ("x",)) == "thing lacks x (it has no arrays)"

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cm3dmm.errors import InputError, StageError
+from cm3dmm.errors import StageError
 from cm3dmm.fit.figure import render_fit_png
 from cm3dmm.fit.result import FitResult
+from cm3dmm.io.npz import read_npz
 from cm3dmm.methods import FaceModel
 
 if TYPE_CHECKING:
@@ -33,20 +34,8 @@ REQUIRED_KEYS = ("expressions", "vertices", "z_id", "z_exp", "seconds")
 def read_fit(path: str | Path) -> dict[str, np.ndarray]:
     """The arrays of a fit file (name -> array), checked: not found, corrupt / truncated and
     foreign files are :class:`InputError` naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError("fit file not found (run the fit stage for every method and test subject)", path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in z.files}
-    except Exception as exc:  # truncated / not an npz (zipfile, ValueError, OSError, EOFError)
-        raise InputError(f"fit file is corrupt or truncated ({type(exc).__name__}): rerun the fit stage",
-                         path) from None
-    missing = [k for k in REQUIRED_KEYS if k not in out]
-    if missing:
-        raise InputError(f"not a fit file of the fit stage (lacks {', '.join(missing)}): rerun the fit stage",
-                         path)
-    return out
+    return read_npz(path, "fit file", REQUIRED_KEYS, absent_hint="run the fit stage for every method and test subject",
+                    bad_hint="rerun the fit stage")
 
 
 def write_fit(out_npz: Path, result: FitResult, fm: FaceModel, method: str, subject: str,
