@@ -574,11 +574,6 @@ def train_baseline(method: str, data, cfg, dim: int, template_hash: str = "") ->
     raise InputError(f"unknown baseline method {method!r} (expected one of {list(BASELINES)})")
 
 
-def summary_path(model_path: str | os.PathLike) -> Path:
-    """The summary json written next to a baseline's model.pt."""
-    return Path(model_path).with_name("summary.json")
-
-
 def run_train_baseline(cfg, method: str) -> Path:
     """Stage entry: train a baseline on ``registered.h5``'s train split and write
     ``models/{method}/model.pt`` and ``models/{method}/summary.json`` (sizes, caps, ranks,
@@ -607,12 +602,12 @@ def run_train_baseline(cfg, method: str) -> Path:
     if method == "pca":
         summary["explained_variance"] = model.explained_variance.tolist()
         summary["explained_variance_cumulative"] = np.cumsum(model.explained_variance).tolist()
-    atomic_write_json(summary_path(out), _plain(summary))
+    atomic_write_json(paths.baseline_summary(method), _plain(summary))
     log.info("%s: trained in %.1f s -> %s", method, seconds, out)
     return out
 
 
 __all__ = [
     "BASELINES", "PCAModel", "BilinearModel", "fit_pca", "fit_bilinear",
-    "load_baseline", "train_baseline", "run_train_baseline", "summary_path",
+    "load_baseline", "train_baseline", "run_train_baseline",
 ]

@@ -3,7 +3,8 @@
     results/{run}/data/registered.h5, check.json, preview.png
     results/{run}/template/template.npz, uv_mask.png, uv_layout.png, unwrap.json, levels.png
     results/{run}/cache/{split}.h5
-    results/{run}/models/{name}/model.pt, train_log.csv, loss.png, summary.json, checkpoints/
+    results/{run}/models/{name}/model.pt, train_log.csv, loss.png, summary.json,
+                         checkpoints/last.pt, checkpoints/best-{step:09d}.pt
     results/{run}/fits/{name}/{subject}.npz, {subject}.json, {subject}.png (table variants: first subject's only)
     results/{run}/tables/{table}.csv|md|tex|html, protocol.md|html, facts.json,
                          scan_fits_faces.csv, scan_fits_protocol.md
@@ -104,6 +105,17 @@ def upsampling_variants(cfg) -> list[tuple[str, float]]:
     return [(m, float(f)) for f in cfg.evaluate.upsampling_fractions for m in methods]
 
 
+def table_file(directory: str | os.PathLike, name: str, fmt: str) -> Path:
+    """``{directory}/{name}.{fmt}``: a table's file in one of :data:`TABLE_FORMATS` (a run's tables:
+    :meth:`RunPaths.table`; :func:`cm3dmm.tables.write_table` writes into any folder)."""
+    if fmt not in TABLE_FORMATS:
+        raise ValueError(f"unknown table format {fmt!r} (expected one of {TABLE_FORMATS})")
+    return Path(directory) / f"{name}.{fmt}"
+
+
+_BEST_PREFIX = "best-"
+
+
 @dataclass(frozen=True)
 class RunPaths:
     root: Path
@@ -186,6 +198,23 @@ class RunPaths:
     def checkpoints(self, method: str) -> Path:
         return self.model_dir(method) / "checkpoints"
 
+    def last_checkpoint(self, method: str) -> Path:
+        """Training's resume state (weights, codes, optimiser, RNG, step, best-so-far record)."""
+        return self.checkpoints(method) / "last.pt"
+
+    def best_checkpoint(self, method: str, step: int) -> Path:
+        """The weights of the best validated step ``step`` (``best-000000500.pt``)."""
+        return self.checkpoints(method) / f"{_BEST_PREFIX}{int(step):09d}.pt"
+
+    def best_checkpoints(self, method: str) -> dict[int, Path]:
+        """The best-step files present: step -> file (other names in the folder are ignored)."""
+        out = {}
+        for p in self.checkpoints(method).glob(f"{_BEST_PREFIX}*.pt"):
+            step = p.stem[len(_BEST_PREFIX):]
+            if step.isdigit():
+                out[int(step)] = p
+        return dict(sorted(out.items()))
+
     def baseline_summary(self, method: str) -> Path:
         """A baseline's ``summary.json`` beside its model (sizes, caps, ranks, training time)."""
         return self.model_dir(method) / "summary.json"
@@ -217,7 +246,7 @@ class RunPaths:
         return self.root / "figures"
 
     def table(self, name: str, fmt: str = "csv") -> Path:
-        return self.tables_dir / f"{name}.{fmt}"
+        return table_file(self.tables_dir, name, fmt)
 
     @property
     def protocol(self) -> Path:

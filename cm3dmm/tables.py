@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from cm3dmm.io.atomic import atomic_write_text
+from cm3dmm.paths import TABLE_FORMATS, table_file
 
 #: decimals for float columns that are not given explicitly
 DEFAULT_DIGITS = 3
@@ -213,7 +214,8 @@ def to_csv(frame: pd.DataFrame) -> str:
 
 def write_table(frame: pd.DataFrame, directory: str | os.PathLike, name: str,
                 digits: int | Mapping[str, int] = DEFAULT_DIGITS, caption: str = "") -> dict[str, Path]:
-    """Write ``{name}.csv``, ``{name}.md`` and ``{name}.tex`` into ``directory`` (atomically).
+    """Write ``{name}.csv``, ``.md``, ``.tex`` and ``.html`` into ``directory`` (atomically; the names:
+    :func:`cm3dmm.paths.table_file`).
 
     The Markdown file starts with the caption (when given) as a paragraph.
     """
@@ -225,7 +227,7 @@ def write_table(frame: pd.DataFrame, directory: str | os.PathLike, name: str,
     md = to_markdown(frame, digits)
     if caption:
         md = caption.strip() + "\n\n" + md
-    out = {"csv": d / f"{name}.csv", "md": d / f"{name}.md", "tex": d / f"{name}.tex", "html": d / f"{name}.html"}
+    out = {fmt: table_file(d, name, fmt) for fmt in TABLE_FORMATS}
     atomic_write_text(out["csv"], to_csv(frame))
     atomic_write_text(out["md"], md)
     atomic_write_text(out["tex"], to_latex(frame, digits, caption, f"tab:{name}"))

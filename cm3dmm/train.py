@@ -362,24 +362,14 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
     return ckpt
 
 
-def _best_path(ckpt_dir: Path, step: int) -> Path:
-    return ckpt_dir / f"best-{step:09d}.pt"
-
-
-def _prune_best(ckpt_dir: Path, keep: int, drop_after: int | None = None) -> None:
+def _prune_best(paths: RunPaths, method: str, keep: int, drop_after: int | None = None) -> None:
     """Remove best-model files other than step ``keep`` (only those after ``drop_after`` if given).
 
     ``last.pt`` records which best file is current; files of later steps may exist when a run was
     killed between a new best and the next checkpoint (the resumed run rewrites them).
     """
-    for p in ckpt_dir.glob("best-*.pt"):
-        try:
-            step = int(p.stem.split("-", 1)[1])
-        except ValueError:
-            continue
-        if step == keep:
-            continue
-        if drop_after is None or step > drop_after:
+    for step, p in paths.best_checkpoints(method).items():
+        if step != keep and (drop_after is None or step > drop_after):
             p.unlink(missing_ok=True)
 
 
@@ -537,8 +527,7 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
            device: torch.device, time_budget_s: float | None = None,
            budget_clock=time.perf_counter) -> TrainResult:
     tc = cfg.train
-    ckpt_dir = paths.checkpoints(method)
-    last_path = ckpt_dir / "last.pt"
+    last_path = paths.last_checkpoint(method)
     fingerprint = _fingerprint(cfg, str(template.hash), _cache_id(data.cache), dist.world, method)
 
     # --- the same initial weights on every rank, from the seed
@@ -576,7 +565,7 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
         log.info("resuming %s from step %d (%s)", method, start, last_path)
     if dist.main:
         # best files newer than the checkpoint are replayed (and rewritten) by this run
-        _prune_best(ckpt_dir, keep=best["step"], drop_after=start)
+        _prune_best(paths, method, keep=best["step"], drop_after=start)
     resumed_from = start
 
     ddp = net
@@ -613,12 +602,12 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
                 "step": step, "net": net.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": _rng_state(), "best": dict(best), "rows": rows,
                 "elapsed": elapsed(), "acc": dict(acc)})
-            _prune_best(ckpt_dir, keep=best["step"])
+            _prune_best(paths, method, keep=best["step"])
 
     if start == 0 and model.basis is not None and dist.main:
         # the closed-form start is a candidate model: training keeps it unless it validates better
         best = {"step": 0, "val": _validate(net, data, val_pos, device)}
-        _save_torch(_best_path(ckpt_dir, 0), {"step": 0, "val": best["val"], "net": net.state_dict()})
+        _save_torch(paths.best_checkpoint(method, 0), {"step": 0, "val": best["val"], "net": net.state_dict()})
         log.info("step 0 (PCA start): validation %.4f mm", best["val"])
     bar = _progress(tc.steps, start, dist)
     done = start
@@ -678,7 +667,7 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
                     row["val_mm"] = _validate(net, data, val_pos, device)
                     if row["val_mm"] < best["val"]:
                         best = {"step": done, "val": row["val_mm"]}
-                        _save_torch(_best_path(ckpt_dir, done),
+                        _save_torch(paths.best_checkpoint(method, done),
                                     {"step": done, "val": row["val_mm"], "net": net.state_dict()})
                     log.info("step %d: distance %.4f mm, validation %.4f mm", done, row["distance"],
                              row["val_mm"])
@@ -705,7 +694,7 @@ def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str,
                            resumed_from, rows)
 
     # --- the best model becomes model.pt
-    best_ckpt = torch.load(_best_path(ckpt_dir, best["step"]), map_location="cpu", weights_only=False)
+    best_ckpt = torch.load(paths.best_checkpoint(method, best["step"]), map_location="cpu", weights_only=False)
     net.load_state_dict(best_ckpt["net"])
     final_pos = even_indices(data.n, min(data.n, FINAL_VAL_FACES))
     final_val = _validate(net, data, final_pos, device)

@@ -251,7 +251,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(prepared, tmp_path, monke
     with pytest.raises(StageError, match=r"diverged: the loss is nan at step 14.*last good checkpoint"):
         tr.run_train(cfg)
     paths = RunPaths.of(cfg.run_dir)
-    ckpt = torch.load(paths.checkpoints("cm3dmm") / "last.pt", weights_only=False)
+    ckpt = torch.load(paths.last_checkpoint("cm3dmm"), weights_only=False)
     assert ckpt["step"] == 10
     assert all(bool(torch.isfinite(v).all()) for v in ckpt["net"].values() if v.is_floating_point())
     assert not paths.model("cm3dmm").exists()
@@ -313,7 +313,7 @@ def test_resume_after_sigkill_equals_uninterrupted(prepared, tmp_path):
     # killed after its first checkpoint, then rerun
     cfg, values = make_run(prepared, tmp_path / "b", train=steps)
     cfg_path = _write_cfg(tmp_path / "b", values)
-    last = RunPaths.of(cfg.run_dir).checkpoints("cm3dmm") / "last.pt"
+    last = RunPaths.of(cfg.run_dir).last_checkpoint("cm3dmm")
     proc = subprocess.Popen(_cli(cfg_path), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
