@@ -123,7 +123,7 @@ class TrainData:
     expression_label: (n,) integer labels for the cosine-embedding losses.
     """
 
-    cache: object
+    cache: object  #: a cm3dmm.cache.SampleCache or upsampling.VertexSubsetCache (read, heldout, content_hash)
     faces: np.ndarray
     subject: list[str]
     expression: list[str]
@@ -515,20 +515,12 @@ def train(cfg: Config, template, cache, paths: RunPaths, method: str = METHOD,
             tdist.destroy_process_group()
 
 
-def _cache_id(cache) -> str:
-    for name in ("content_hash", "hash"):
-        v = getattr(cache, name, None)
-        if isinstance(v, str) and v:
-            return v
-    return f"{len(list(cache.subject))}"
-
-
 def _train(cfg: Config, template, data: TrainData, paths: RunPaths, method: str, dist: _Dist,
            device: torch.device, time_budget_s: float | None = None,
            budget_clock=time.perf_counter) -> TrainResult:
     tc = cfg.train
     last_path = paths.last_checkpoint(method)
-    fingerprint = _fingerprint(cfg, str(template.hash), _cache_id(data.cache), dist.world, method)
+    fingerprint = _fingerprint(cfg, str(template.hash), data.cache.content_hash, dist.world, method)
 
     # --- the same initial weights on every rank, from the seed
     torch.manual_seed(tc.seed)
