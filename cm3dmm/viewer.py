@@ -67,20 +67,20 @@ class FitEntry:
 def read_fits(folder: str | os.PathLike, model) -> tuple[list[FitEntry], list[str]]:
     """The fitted faces of every ``*.npz`` under ``folder`` that fit ``model`` (codes of its sizes,
     its vertex count); returns (entries, one line per skipped file)."""
+    from cm3dmm.fit.io import read_fit
+
     d = Path(folder)
     if not d.is_dir():
         raise InputError("fits folder not found", d)
     entries, skipped = [], []
     for p in sorted(d.glob("*.npz")):
         try:
-            with np.load(p, allow_pickle=False) as z:
-                zi, ze, ve = z["z_id"], z["z_exp"], z["vertex_errors"]
-                exprs = [str(e) for e in z["expressions"]] if "expressions" in z.files else \
-                    [str(i) for i in range(len(zi))]
-                errs = z["errors"] if "errors" in z.files else np.nanmean(ve, 1)
-        except Exception as exc:  # noqa: BLE001 - a bad file is skipped with its reason
-            skipped.append(f"{p.name}: not a fit file ({type(exc).__name__})")
+            z = read_fit(p, also=("vertex_errors", "errors"))
+        except InputError as exc:  # a bad file is skipped with its reason
+            skipped.append(f"{p.name}: {exc.problem}")
             continue
+        zi, ze, ve, errs = z["z_id"], z["z_exp"], z["vertex_errors"], z["errors"]
+        exprs = [str(e) for e in z["expressions"]]
         if zi.ndim != 2 or zi.shape[1] != model.id_dim or ze.shape[1] != model.exp_dim:
             skipped.append(f"{p.name}: codes of size ({zi.shape[-1]}, {ze.shape[-1]}) do not fit the model "
                            f"({model.id_dim}, {model.exp_dim})")

@@ -69,11 +69,19 @@ def test_fits_of_another_model_are_skipped_with_a_reason(run, model, tmp_path):
     fits = RunPaths.of(run.run_dir).fit_dir("bilinear")
     entries, skipped = read_fits(fits, model)
     assert [e.label for e in entries] == ["s004 / neutral", "s004 / smile", "s004 / mouth_stretch"]
-    np.savez(tmp_path / "other.npz", z_id=np.zeros((1, 3)), z_exp=np.zeros((1, 3)), vertex_errors=np.zeros((1, 81)))
+    one = {"expressions": np.array(["neutral"]), "vertices": np.zeros((1, 81, 3)), "seconds": np.array(1.0),
+           "vertex_errors": np.zeros((1, 81)), "errors": np.zeros(1)}
+    np.savez(tmp_path / "other.npz", z_id=np.zeros((1, 3)), z_exp=np.zeros((1, 3)), **one)
+    np.savez(tmp_path / "bare.npz", z_id=np.zeros((1, 3)), z_exp=np.zeros((1, 3)), vertex_errors=np.zeros((1, 81)))
     (tmp_path / "junk.npz").write_bytes(b"nope")
     entries, skipped = read_fits(tmp_path, model)
-    assert entries == [] and len(skipped) == 2
-    assert any(f"do not fit the model ({model.id_dim}, {model.exp_dim})" in s for s in skipped) and any("not a fit file" in s for s in skipped)
+    assert entries == [] and len(skipped) == 3, skipped
+    # the reasons of cm3dmm.fit.io.read_fit, the one reader of fit files
+    assert skipped[0] == "bare.npz: fit file lacks expressions, vertices, seconds, errors (it has vertex_errors, " \
+                         "z_exp, z_id): rerun the fit stage"
+    assert skipped[1].startswith("junk.npz: fit file is corrupt or truncated")
+    assert skipped[2].startswith("other.npz: codes of size (3, 3) do not fit the model "
+                                 f"({model.id_dim}, {model.exp_dim})")
 
 
 def test_error_colors():

@@ -31,11 +31,12 @@ log = logging.getLogger(__name__)
 REQUIRED_KEYS = ("expressions", "vertices", "z_id", "z_exp", "seconds")
 
 
-def read_fit(path: str | Path) -> dict[str, np.ndarray]:
+def read_fit(path: str | Path, also: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The arrays of a fit file (name -> array), checked: not found, corrupt / truncated and
-    foreign files are :class:`InputError` naming the file."""
-    return read_npz(path, "fit file", REQUIRED_KEYS, absent_hint="run the fit stage for every method and test subject",
-                    bad_hint="rerun the fit stage")
+    foreign files (without :data:`REQUIRED_KEYS` and the arrays ``also``) are :class:`InputError`
+    naming the file."""
+    return read_npz(path, "fit file", REQUIRED_KEYS + tuple(also),
+                    absent_hint="run the fit stage for every method and test subject", bad_hint="rerun the fit stage")
 
 
 def write_fit(out_npz: Path, result: FitResult, fm: FaceModel, method: str, subject: str,
