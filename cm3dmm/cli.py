@@ -135,8 +135,10 @@ def _fit_upsampling(cfg, **kw):
 
 
 def _evaluate(cfg, **kw):
+    from cm3dmm import metrics
     from cm3dmm.evaluate import run_evaluate
 
+    metrics.set_workers(cfg.train.threads or os.cpu_count() or 1)  # the job's threads (rule evaluate: all cores)
     return run_evaluate(cfg, **kw)
 
 

@@ -46,6 +46,20 @@ FSCORE_THRESHOLD = 1.0
 #: Default number of surface samples per mesh for the Chamfer-type metrics.
 SURFACE_POINTS = 20000
 
+#: threads of the closest-point queries behind the surface metrics (:func:`set_workers`, like
+#: ``torch.set_num_threads``: the evaluate stage sets its job's thread count); results do not depend on it
+_workers = 1
+
+
+def set_workers(n: int) -> None:
+    """Use ``n`` threads for the surface metrics' closest-point queries (same numbers, faster)."""
+    global _workers
+    _workers = max(1, int(n))
+
+
+def get_workers() -> int:
+    return _workers
+
 
 # --------------------------------------------------------------------------- validation
 def _as_batch(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -216,8 +230,8 @@ def sample_and_project(
     tri_p, bary_p = sample_surface(pv, pf, n_points, np.random.default_rng(seed + 1))
     pts_t = np.einsum("nk,nki->ni", bary_t.astype(np.float64), tv[tf[tri_t]])
     pts_p = np.einsum("nk,nki->ni", bary_p.astype(np.float64), pv[pf[tri_p]])
-    proj_pt = closest_points_on_mesh(pts_p, tv, tf)  # prediction samples -> target surface
-    proj_tp = closest_points_on_mesh(pts_t, pv, pf)  # target samples -> predicted surface
+    proj_pt = closest_points_on_mesh(pts_p, tv, tf, workers=_workers)  # prediction samples -> target surface
+    proj_tp = closest_points_on_mesh(pts_t, pv, pf, workers=_workers)  # target samples -> predicted surface
     n_p, n_t = face_normals(pv, pf), face_normals(tv, tf)
     cos_pt = np.abs(np.einsum("ni,ni->n", n_p[tri_p], n_t[proj_pt.tri]))
     cos_tp = np.abs(np.einsum("ni,ni->n", n_t[tri_t], n_p[proj_tp.tri]))

@@ -216,6 +216,10 @@ def test_closest_points_on_mesh_small_budgets_and_mixed_sizes_equal_brute_force(
     np.testing.assert_allclose(res.dist, d_all.min(1), rtol=0, atol=1e-9)
     np.testing.assert_allclose(d_all[np.arange(len(P)), res.tri], res.dist, atol=1e-9)
     np.testing.assert_array_equal(res.dist, closest_points_on_mesh(P, v, f).dist)
+    # chunks projected in threads: the same answer, row for row
+    par = closest_points_on_mesh(P, v, f, chunk=64, pair_budget=50, candidates=candidates, workers=3)
+    np.testing.assert_array_equal(par.dist, res.dist)
+    np.testing.assert_array_equal(par.tri, res.tri)
 
 
 def test_max_distance_keeps_near_points_exact():

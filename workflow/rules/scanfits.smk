@@ -26,9 +26,12 @@ rule scan_fits:
         protocol=str(P.scan_fit_protocol),
     log:
         str(P.log("scan_fits")),
+    # one long single-thread job (~3 min): started as soon as its models exist, beside the fits,
+    # instead of last beside nothing
+    priority: 5
     conda:
         CONDA_ENV
-    threads: 1  # beside the evaluate stage
+    threads: 1
     params:
         cfg=stage_config("fit", "scan_fits", "baselines"),
         config=WHOLE_CONFIG,

@@ -19,12 +19,13 @@ rule train:
     log:
         str(P.log("train")),
     # the critical path (every cm3dmm fit and the evaluation wait for it): scheduled before the
-    # single-thread side jobs (baselines, upsampling and size models, baseline fits); the cache
-    # before it holds all cores too, so that the cores are free when it can start
+    # single-thread side jobs (baselines, upsampling and size models, baseline fits). Half the cores:
+    # a second thread speeds its small-batch steps up by far less than 2x, so the other half runs
+    # side jobs beside it (benchmarks/README.md, "Where the default run's time goes")
     priority: 50
     conda:
         CONDA_ENV
-    threads: ALL_CORES
+    threads: max(1, ALL_CORES // 2)
     params:
         cfg=stage_config("model", "train"),
         config=WHOLE_CONFIG,
@@ -42,6 +43,7 @@ rule train_baseline:
         str(P.log("train_baseline", "{method}")),
     wildcard_constraints:
         method="pca|bilinear",
+    priority: 20  # seconds of work that unlock every baseline fit and the scan-fit table
     conda:
         CONDA_ENV
     params:
