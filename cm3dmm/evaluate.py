@@ -39,6 +39,7 @@ import torch
 
 from cm3dmm import metrics
 from cm3dmm.errors import InputError
+from cm3dmm.geometry import even_indices
 from cm3dmm.io.atomic import atomic_write_json, atomic_write_text
 from cm3dmm.paths import TABLES, RunPaths
 from cm3dmm.sizes import select_subjects, train_subset
@@ -103,13 +104,6 @@ class Scores:
     fscore: float = float("nan")
     surface_faces: int = 0  #: faces with surface metrics
     regions: dict[str, dict[str, float]] = field(default_factory=dict)  #: name -> metric -> value
-
-
-def surface_subset(n: int, k: int) -> np.ndarray:
-    """Indices of the faces that get surface metrics: ``k`` spread evenly (all when k <= 0)."""
-    if k <= 0 or k >= n:
-        return np.arange(n, dtype=np.int64)
-    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
 
 
 def score_faces(pred: np.ndarray, target: np.ndarray, faces: np.ndarray, *, n_points: int, seed: int,
@@ -320,8 +314,8 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
 
     ec, kw = ctx.ec, ctx.kw()
     rows, region_rows = [], []
-    sidx_test = surface_subset(ctx.test.n, ec.surface_faces)
-    sidx_train = surface_subset(ctx.train.n, ec.surface_faces) if ctx.train is not None else None
+    sidx_test = even_indices(ctx.test.n, ec.surface_faces)
+    sidx_train = even_indices(ctx.train.n, ec.surface_faces) if ctx.train is not None else None
     facts["surface_faces"] = {"test": int(len(sidx_test)),
                               "train": int(len(sidx_train)) if sidx_train is not None else 0}
     fit_seconds: dict[str, list[float]] = {}
@@ -514,7 +508,7 @@ def _upsampling(ctx: _Ctx, facts: dict) -> pd.DataFrame:
     subjects = upsampling_subjects(ctx.cfg, ctx.test_subjects)
     test = FaceSet.of(ctx.data, subjects)
     facts["upsampling_subjects"] = subjects
-    sidx = surface_subset(test.n, ec.surface_faces)
+    sidx = even_indices(test.n, ec.surface_faces)
     rows = []
     facts["upsampling"] = {}
     for frac in ec.upsampling_fractions:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cm3dmm.geometry import sample_surface, triangle_areas
+from cm3dmm.geometry import even_indices, sample_surface, triangle_areas
 from cm3dmm.rigid import Similarity, rotation_angle
 
 log = logging.getLogger(__name__)
@@ -147,13 +147,6 @@ def aligned_error(fit: np.ndarray, truth: np.ndarray) -> float:
     """Mean vertex error (mm) of ``fit`` (V, 3) after its best rigid alignment to ``truth`` (V, 3):
     the error of the shape and the correspondences, without where the face sits."""
     return float(aligned_errors(fit, truth).mean())
-
-
-def _pick(n: int, k: int) -> list[int]:
-    """``k`` indices spread evenly over ``range(n)`` (all when k <= 0 or k >= n)."""
-    if k <= 0 or k >= n:
-        return list(range(n))
-    return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
 
 
 def _seed(*parts) -> int:
@@ -283,15 +276,15 @@ def run_scan_fits(cfg) -> pd.DataFrame:
     if bad:
         raise InputError(f"scan_fits.variants: unknown {bad} (expected some of {list(VARIANTS)})")
     paths = RunPaths.of(cfg.run_dir)
-    torch.set_num_threads(max(1, int(getattr(cfg.train, "threads", 0) or torch.get_num_threads())))
+    torch.set_num_threads(max(1, int(cfg.train.threads or torch.get_num_threads())))
     data = read_registered(paths.registered, with_scans=False)
     template = load_template(paths.template)
     subjects = data.subjects("test")
-    subjects = [subjects[i] for i in _pick(len(subjects), sc.subjects)]
+    subjects = [subjects[i] for i in even_indices(len(subjects), sc.subjects)]
     by_subject = {}
     for s in subjects:
         idx = [i for i, x in enumerate(data.subject) if x == s]
-        idx = [idx[i] for i in _pick(len(idx), sc.expressions)]
+        idx = [idx[i] for i in even_indices(len(idx), sc.expressions)]
         by_subject[s] = ([data.expression[i] for i in idx], data.vertices[idx].astype(np.float64))
     methods = list(sc.methods) or ["cm3dmm"] + list(cfg.baselines.methods)
     records = []

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cm3dmm.errors import InputError
+from cm3dmm.geometry import even_indices
 from cm3dmm.paths import FIT_MODES, MAIN, RunPaths, extra_model_dims, size_method, size_variants
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,7 @@ def run_train_size(cfg, dim: int | str):
 # --------------------------------------------------------------------------- subjects
 def select_subjects(subjects: list[str], n: int) -> list[str]:
     """``n`` subjects spread evenly over ``subjects`` (all when n <= 0 or n >= len)."""
-    if n <= 0 or n >= len(subjects):
-        return list(subjects)
-    pick = np.unique(np.linspace(0, len(subjects) - 1, n).round().astype(int))
-    return [subjects[i] for i in pick]
+    return [subjects[i] for i in even_indices(len(subjects), n)]
 
 
 def train_subset(cfg, train_subjects: list[str]) -> list[str]:

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from cm3dmm.errors import InputError
+from cm3dmm.geometry import boundary_vertices, even_indices
 from cm3dmm.paths import MAIN, RunPaths, default_pca_dim, fraction_method, fraction_tag
 
 log = logging.getLogger(__name__)
@@ -103,14 +104,6 @@ class Coarse:
         return np.einsum("...vkc,vk->...vc", corners, self.bary)
 
 
-def _boundary_vertices(faces: np.ndarray) -> np.ndarray:
-    """Vertices on edges used by exactly one triangle (unordered, sorted)."""
-    f = np.asarray(faces, np.int64)
-    e = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
-    uniq, count = np.unique(e, axis=0, return_counts=True)
-    return np.unique(uniq[count == 1].ravel()).astype(np.int64)
-
-
 def make_coarse(template, fraction: float) -> Coarse:
     """The coarse subset of ``template`` keeping ``fraction`` of its vertices (module docstring)."""
     from scipy.spatial import Delaunay
@@ -148,7 +141,7 @@ def make_coarse(template, fraction: float) -> Coarse:
     cuv = uv[kept].astype(np.float32)
     regions = np.asarray(template.regions)[kept]
     sub = Template(
-        mean=mean[kept].astype(np.float32), faces=faces, uv=cuv, boundary=_boundary_vertices(faces),
+        mean=mean[kept].astype(np.float32), faces=faces, uv=cuv, boundary=np.flatnonzero(boundary_vertices(faces)),
         mask=np.asarray(template.mask), levels=[subdivide(faces, len(kept), 0, cuv)],
         regions=regions, region_names=list(template.region_names),
         landmarks={},
@@ -195,7 +188,7 @@ class VertexSubsetCache:
         self.expression = list(expression)
         self.path = path
         k = len(coarse.kept)
-        self.val_idx = np.unique(np.linspace(0, k - 1, min(k, max(1, int(max_heldout)))).round().astype(np.int64))
+        self.val_idx = even_indices(k, max(1, int(max_heldout)))
         self.order = np.stack([np.random.default_rng([int(seed), i]).permutation(k) for i in range(len(v))])
         h = hashlib.sha256(self.target.tobytes())
         h.update(self.uv.tobytes())

@@ -15,7 +15,7 @@ import torch
 from cm3dmm.errors import InputError
 from cm3dmm.fit.objective import Targets
 from cm3dmm.fit.scan import Scan
-from cm3dmm.geometry import vertex_normals
+from cm3dmm.geometry import boundary_vertices, vertex_normals  # boundary_vertices: also cm3dmm.fit.*
 from cm3dmm.methods import FaceModel
 from cm3dmm.rigid import Similarity, umeyama
 
@@ -42,15 +42,6 @@ COVER_MARGIN_MM = 1.0
 BARY_EPS = 1e-6
 #: a filter (normals, border, trimming) is applied only when it leaves at least this many pairs
 MIN_PAIRS = 3
-
-
-def boundary_vertices(faces: np.ndarray, n: int) -> np.ndarray:
-    """(n,) bool: vertices on an edge used by exactly one triangle."""
-    e = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
-    uniq, count = np.unique(e, axis=0, return_counts=True)
-    out = np.zeros(n, bool)
-    out[uniq[count == 1].ravel()] = True
-    return out
 
 
 def scan_targets(scan_pts: np.ndarray, full_pts: np.ndarray, scan: Scan, verts: np.ndarray, faces: np.ndarray,
