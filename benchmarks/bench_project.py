@@ -1,6 +1,11 @@
 """Closest-point projection throughput of cm3dmm.geometry.closest_points_on_mesh.
 
-    python benchmarks/bench_project.py [--points 20000] [--brute 300]
+    python benchmarks/bench_project.py [--points 20000] [--brute 300] [--search]
+
+``--search``: the search variants instead, on the evaluate stage's workload (10,000 points per mesh):
+the k-nearest-centroid candidates per radius class (now) against ball lists for every point
+(``candidates=0``, before), and chunks in 2 threads (``workers=2``), on the face and on the face
+subdivided twice (an upsampling level's mesh, 16x the triangles), same points, same run.
 
 The workload of the Chamfer-type metrics: area-weighted samples of one face projected onto
 another face of the same topology. Mesh: ICT-FaceKit's face area (9,409 vertices, 18,460
@@ -81,12 +86,46 @@ def rate(fn, n):
     return n / (time.perf_counter() - t), res
 
 
+def search_variants(v, f, name, n_points: int, repeats: int = 3) -> int:
+    """Seconds per projection of the variants of the search (median of ``repeats``)."""
+    import trimesh
+
+    rng = np.random.default_rng(0)
+    meshes = {"face": (v, f)}
+    sv, sf = trimesh.remesh.subdivide(*trimesh.remesh.subdivide(v, f))
+    meshes["face, subdivided twice"] = (sv, np.asarray(sf, np.int64))
+    variants = {"ball lists for every point (before)": dict(candidates=0),
+                "k-NN candidates, 1 thread (now)": dict(),
+                "k-NN candidates, workers=2": dict(workers=2)}
+    print(f"{name}; {n_points} points per projection; median of {repeats}")
+    print(f"{'mesh':24s} {'triangles':>9s} " + " ".join(f"{k[:24]:>24s}" for k in variants) + "  speed-up")
+    for mname, (mv, mf) in meshes.items():
+        P = barycentric_interpolate(mv, mf, *sample_surface(mv, mf, n_points, rng)) + rng.normal(0, 0.5, (n_points, 3))
+        secs, ref = [], None
+        for kw in variants.values():
+            ts = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                res = closest_points_on_mesh(P, mv, mf, **kw)
+                ts.append(time.perf_counter() - t)
+            if ref is None:
+                ref = res.dist
+            assert np.array_equal(res.dist, ref), "a variant changed the answer"
+            secs.append(float(np.median(ts)))
+        print(f"{mname:24s} {len(mf):9d} " + " ".join(f"{x:23.3f}s" for x in secs)
+              + "  " + " / ".join(f"{secs[0] / x:.2f}x" for x in secs[1:]))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", type=int, default=20000)
     ap.add_argument("--brute", type=int, default=300, help="points of the brute-force reference")
+    ap.add_argument("--search", action="store_true", help="compare the search variants instead")
     a = ap.parse_args(argv)
     v, f, name = face()
+    if a.search:
+        return search_variants(v, f, name, 10000)
     rng = np.random.default_rng(0)
     ext = v.max(0) - v.min(0)
     bump = 3.0 * np.sin(v[:, :1] / ext[0] * 9.0) * np.cos(v[:, 1:2] / ext[1] * 7.0) * np.array([[0.3, 0.3, 1.0]])

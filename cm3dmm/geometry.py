@@ -267,7 +267,8 @@ def closest_points_on_mesh(
        one tree per class. For a class whose largest radius is ``R`` every triangle that can
        beat the current bound has its centroid within ``bound + R`` of the point: the
        ``candidates`` nearest centroids of the class (one array query) hold all of them unless
-       the last one is still inside that ball — only those points take a ball query (lists) —;
+       the last one is still inside that ball — only those points take a ball query (lists;
+       ``candidates=0``: every point, the search before issue 11's budget work) —;
        those with ``|p - c_t| - r_t > bound`` are dropped and the rest evaluated exactly; the
        bound tightens class by class (most populated first).
 
@@ -352,14 +353,16 @@ def closest_points_on_mesh(
             reach = best if max_distance is None else np.minimum(best, max_distance)
             radius = reach + rc
             kk = min(candidates, len(ids))
-            # the kk nearest centroids within the largest radius: arrays, no per-point lists
-            dk, jk = tree.query(p, k=kk, distance_upper_bound=float(radius.max()))
-            dk, jk = dk.reshape(n, kk), jk.reshape(n, kk)
-            inside = dk <= radius[:, None]
-            pi, ti = np.nonzero(inside)
-            improve(state, p, pi, ids[jk[pi, ti]], reach)
-            # rows whose kk-th centroid is inside their ball may have more candidates: ball lists
-            more = np.flatnonzero(inside[:, -1]) if kk < len(ids) else np.zeros(0, np.int64)
+            more = r  # candidates = 0: ball lists for every point
+            if kk > 0:
+                # the kk nearest centroids within the largest radius: arrays, no per-point lists
+                dk, jk = tree.query(p, k=kk, distance_upper_bound=float(radius.max()))
+                dk, jk = dk.reshape(n, kk), jk.reshape(n, kk)
+                inside = dk <= radius[:, None]
+                pi, ti = np.nonzero(inside)
+                improve(state, p, pi, ids[jk[pi, ti]], reach)
+                # rows whose kk-th centroid is inside their ball may have more candidates: ball lists
+                more = np.flatnonzero(inside[:, -1]) if kk < len(ids) else np.zeros(0, np.int64)
             if len(more):
                 counts = tree.query_ball_point(p[more], radius[more], return_length=True)
                 cum = np.cumsum(counts)

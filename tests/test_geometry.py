@@ -197,7 +197,7 @@ def test_closest_points_on_mesh_equals_brute_force(big):
     assert res.dist.dtype == P.dtype and res.tri.shape == (len(P),)
 
 
-@pytest.mark.parametrize("candidates", [1, 4, 16])
+@pytest.mark.parametrize("candidates", [0, 1, 4, 16])
 def test_closest_points_on_mesh_small_budgets_and_mixed_sizes_equal_brute_force(candidates):
     # triangle sizes spanning several radius classes, points near and far, and budgets so
     # small that every chunk and every ball query is split; with few nearest-centroid candidates
