@@ -173,6 +173,10 @@ class FitConfig:
     tol: float = 1e-6  #: relative decrease of the objective that counts as converged
     prior_weight: float = 1e-6  #: weight of the Gaussian code prior (per standardised code dimension)
     scan_iters: int = 5  #: alternations of rigid refinement and code fitting for raw scans
+    #: raw scans: the code prior's weight in the last alternation is at least this (the prior is annealed
+    #: from cm3dmm.fit.scanfit.SCAN_PRIOR_START down to max(prior_weight, this)); > 0 keeps the parts a
+    #: partial scan misses from drifting (PCA on anny mouth-hole scans: 3.58 mm at 0, 2.75 at 1e-4)
+    scan_prior_floor: float = 0.0
     trim: float = 0.1  #: fraction of worst correspondences ignored for partial scans
     level: int = 0  #: upsampling level of the written meshes
     points: int = 600  #: lm: target points per face of the main stage (random subset; 0 = all)
@@ -296,7 +300,7 @@ _POSITIVE = {
 _NONNEGATIVE = {
     "template.levels", "train.basis_lr", "model.smoothness", "cache.n_heldout", "cache.scan_distance", "train.continuous_points",
     "train.reg_weight", "train.prior_weight", "fit.prior_weight", "fit.tol", "fit.level",
-    "fit.points", "fit.polish_iters", "fit.scan_points", "fit.coarse_points", "fit.coarse_iters", "fit.damping",
+    "fit.points", "fit.polish_iters", "fit.scan_points", "fit.scan_prior_floor", "fit.coarse_points", "fit.coarse_iters", "fit.damping",
     "train.threads", "train.val_faces", "baselines.pca_dim", "evaluate.upsampling_steps", "data.preview_subjects",
     "evaluate.train_subjects", "evaluate.surface_faces", "evaluate.timing_repeats", "evaluate.upsampling_subjects",
     "evaluate.model_dims_steps",

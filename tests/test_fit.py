@@ -236,6 +236,25 @@ def test_point_cloud_in_metres_recovers_code(neural, tmp_path):
     assert np.degrees(np.arccos(np.clip((np.trace(rot @ r) - 1) / 2, -1, 1))) < 1.0
 
 
+def test_scan_prior_floor_holds_the_codes(neural):
+    """fit.scan_prior_floor: the last alternation's prior weight is at least this; a heavy floor keeps
+    the codes near the prior mean (the fit is then worse on this face, whose codes are far out)."""
+    from cm3dmm.fit import Scan
+
+    rng = np.random.default_rng(8)
+    zi, ze = _subject_codes(neural, n_expr=1, seed=3, scale=0.4)
+    x = neural.vertices(zi, ze)[0]
+    scan = Scan(_point_cloud(x, neural.faces, 2000, rng), name="cloud")
+    kw = dict(prior_weight=1e-6, trim=0.05, scan_iters=4, max_iter=20)
+    free = fit_scans(neural, [scan], FitConfig(**kw))
+    held = fit_scans(neural, [scan], FitConfig(**kw, scan_prior_floor=10.0))
+    norm = lambda r: float(np.linalg.norm(np.concatenate([r.z_id.ravel(), r.z_exp.ravel()])))
+    truth = float(np.linalg.norm(np.concatenate([zi.numpy().ravel(), ze.numpy().ravel()])))
+    assert abs(norm(free) - truth) < 0.2 * truth, (norm(free), truth)
+    assert norm(held) < 0.5 * norm(free), (norm(held), norm(free))
+    assert np.linalg.norm(held.vertices[0] - x, axis=1).mean() > np.linalg.norm(free.vertices[0] - x, axis=1).mean()
+
+
 def test_scan_with_landmarks_and_far_pose(neural):
     from cm3dmm.fit import Scan
 

@@ -5,7 +5,7 @@ landmarks (Umeyama) or a robust initialisation refined by trimmed ICP against th
 ``scan_iters`` alternations of (correspondences -> codes + pose): scan->model closest points on
 the current fit (trimmed by ``cfg.trim``, boundary projections dropped) plus model->scan closest
 points where the scan covers the model (:func:`cm3dmm.fit.correspond.scan_targets`). The code prior
-is annealed from :data:`SCAN_PRIOR_START` to ``max(fit.prior_weight, SCAN_PRIOR_END)``.
+is annealed from :data:`SCAN_PRIOR_START` to ``max(fit.prior_weight, fit.scan_prior_floor)``.
 """
 
 from __future__ import annotations
@@ -41,13 +41,12 @@ RIGID_TRIM_MIN = 0.1
 RIGID_ALT_ITERS = 10
 #: prior weight of the first alternation (annealed geometrically to fit.prior_weight)
 SCAN_PRIOR_START = 1e-2
-#: prior weight of the last alternation at least (whatever fit.prior_weight is): without it the parts a
-#: partial scan misses drift as the prior fades (PCA, 2 faces of a mouth-hole scan, aligned error
-#: 3.58 mm at 0, 2.75 at 1e-4, 2.55 at 1e-3, registered 0.86; full scans started at the truth: 1.42 mm at
-#: 1e-6 and at 1e-4, 1.62 at 1e-3; benchmarks/README.md "Scan fits (issue 14)"). Off by default: the
-#: weight's meaning depends on the model's code spread, and tests/test_fit.py's model (codes 40 prior
-#: std out) no longer recovers its codes at 1e-4; a fit.* setting (cm3dmm/config.py) should carry it
-SCAN_PRIOR_END = 0.0
+# ``fit.scan_prior_floor`` (cm3dmm.config.FitConfig): the prior weight of the last alternation at least.
+# Without it the parts a partial scan misses drift as the prior fades (PCA, 2 faces of a mouth-hole scan,
+# aligned error 3.58 mm at 0, 2.75 at 1e-4, 2.55 at 1e-3, registered 0.86; full scans started at the
+# truth: 1.42 mm at 1e-6 and at 1e-4, 1.62 at 1e-3; benchmarks/README.md "Scan fits (issue 14)"). 0 by
+# default: the weight's meaning depends on the model's code spread, and tests/test_fit.py's model (codes
+# 40 prior std out) no longer recovers its codes at 1e-4.
 #: Levenberg-Marquardt iterations per alternation at least
 SCAN_INNER_MIN = 3
 #: a new random subset of fit.scan_points scan points every alternation
@@ -104,7 +103,7 @@ def fit_scans(model: FaceModel, scans: Sequence[Scan], cfg: FitConfig, seed: int
     for it in range(n_alt):
         # the code prior is annealed from SCAN_PRIOR_START to fit.prior_weight: the first
         # alternations, whose correspondences are the least reliable, stay close to the prior mean
-        lam1 = max(cfg.prior_weight, SCAN_PRIOR_END)
+        lam1 = max(cfg.prior_weight, cfg.scan_prior_floor)
         lam0 = max(SCAN_PRIOR_START, lam1)
         lam = lam0 * (lam1 / lam0) ** (it / max(n_alt - 1, 1)) if lam1 > 0 else 0.0
         # squared loss: the trimming of the correspondences is the robust part
