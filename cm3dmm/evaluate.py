@@ -307,8 +307,9 @@ def _recon_row(split: str, method: str, dim: int, s: Scores, ctx: _Ctx, note: st
     return row
 
 
-def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The reconstruction, regions and pca_sweep tables."""
+def _reconstruction(ctx: _Ctx) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    """The reconstruction, regions and pca_sweep tables and their facts (surface-metric face counts,
+    the rank, the training faces, the explained variance, the other sizes, fit seconds per face)."""
     from cm3dmm.baselines import fit_pca
     from cm3dmm.paths import other_mode
 
@@ -316,8 +317,8 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
     rows, region_rows = [], []
     sidx_test = even_indices(ctx.test.n, ec.surface_faces)
     sidx_train = even_indices(ctx.train.n, ec.surface_faces) if ctx.train is not None else None
-    facts["surface_faces"] = {"test": int(len(sidx_test)),
-                              "train": int(len(sidx_train)) if sidx_train is not None else 0}
+    facts = {"surface_faces": {"test": int(len(sidx_test)),
+                               "train": int(len(sidx_train)) if sidx_train is not None else 0}}
     fit_seconds: dict[str, list[float]] = {}
 
     # ---- full-rank PCA of the training faces: the rank, the explained variance and the sweep
@@ -384,7 +385,9 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
                 sc = score_faces(fd.vertices, fs.vertices, ctx.faces, surface_idx=sidx, **kw)
                 lc = {lv: sc.chamfer for lv in ctx.levels if lv > 0}
                 rows.append(_recon_row(split, "pca", d, sc, ctx, note, lc))
-    rows += _other_sizes(ctx, facts, sidx_test, sidx_train)
+    other_rows, other_facts = _other_sizes(ctx, sidx_test, sidx_train)
+    rows += other_rows
+    facts.update(other_facts)
     recon = pd.DataFrame(rows)
     order = {"test": 0, "train": 1}
     morder = {m: i for i, m in enumerate(ctx.methods)}
@@ -400,13 +403,14 @@ def _reconstruction(ctx: _Ctx, facts: dict) -> tuple[pd.DataFrame, pd.DataFrame,
     if ctx.train is not None:
         sweep[f"train {COL_VE}"] = pca_sweep(full, ctx.train.vertices, dims, reg)
         sweep[f"train {COL_VE}, no prior"] = pca_sweep(full, ctx.train.vertices, dims, 0.0)
-    return recon, pd.DataFrame(region_rows), pd.DataFrame(sweep)
+    return recon, pd.DataFrame(region_rows), pd.DataFrame(sweep), facts
 
 
-def _other_sizes(ctx: _Ctx, facts: dict, sidx_test, sidx_train) -> list[dict]:
+def _other_sizes(ctx: _Ctx, sidx_test, sidx_train) -> tuple[list[dict], dict]:
     """Reconstruction rows of the continuous model at ``evaluate.model_dims`` (its own trained
     models) and of the bilinear model at ``baselines.bilinear_dims`` identity sizes, from the fits
-    of rule ``fit_size`` (the fit stage's fitter and settings)."""
+    of rule ``fit_size`` (the fit stage's fitter and settings); facts ``model_dims`` and
+    ``bilinear_dims`` (identity x expression sizes actually fitted)."""
     from cm3dmm.methods import load_method
     from cm3dmm.paths import extra_model_dims, size_method, size_variants
     from cm3dmm.sizes import size_config, split_variant
@@ -430,9 +434,7 @@ def _other_sizes(ctx: _Ctx, facts: dict, sidx_test, sidx_train) -> list[dict]:
         steps = size_config(ctx.cfg, d).train.steps
         add("cm3dmm", size_method(d), d, f"fit_size ({_mode_text(fm, ctx.cfg.fit.mode)}); trained {steps} steps",
             lambda zi, ze, fs, sidx, sc, fm=fm: _level_chamfer(ctx, fm, "cm3dmm", zi, ze, fs, sidx, sc))
-    facts["model_dims"] = extra_model_dims(ctx.cfg)
-
-    facts["bilinear_dims"] = []
+    bilinear_dims = []
     if "bilinear" in ctx.methods:
         seen = {_dim(ctx.model("bilinear"))}
         for name in size_variants(ctx.cfg):
@@ -443,10 +445,10 @@ def _other_sizes(ctx: _Ctx, facts: dict, sidx_test, sidx_train) -> list[dict]:
             if id_dim + exp_dim in seen:  # capped: the same model again
                 continue
             seen.add(id_dim + exp_dim)
-            facts["bilinear_dims"].append([id_dim, exp_dim])
+            bilinear_dims.append([id_dim, exp_dim])
             add("bilinear", name, id_dim + exp_dim, f"fit_size; {id_dim} x {exp_dim}",
                 lambda zi, ze, fs, sidx, sc: {lv: sc.chamfer for lv in ctx.levels if lv > 0})
-    return rows
+    return rows, {"model_dims": extra_model_dims(ctx.cfg), "bilinear_dims": bilinear_dims}
 
 
 def _sizes_text(cfg, facts: dict) -> str:
@@ -500,23 +502,24 @@ def _level_chamfer(ctx: _Ctx, fm, method: str, zi, ze, fs: FaceSet, sidx, s0: Sc
 
 
 # --------------------------------------------------------------------------- upsampling
-def _upsampling(ctx: _Ctx, facts: dict) -> pd.DataFrame:
+def _upsampling(ctx: _Ctx) -> tuple[pd.DataFrame, dict]:
+    """The upsampling table and its facts: the test subjects and per fraction the coarse mesh's
+    vertices, triangles and the template vertices outside it."""
     from cm3dmm.methods import load_method
     from cm3dmm.upsampling import fraction_method, fraction_tag, make_coarse, upsampling_subjects
 
     ec, kw = ctx.ec, ctx.kw()
     subjects = upsampling_subjects(ctx.cfg, ctx.test_subjects)
     test = FaceSet.of(ctx.data, subjects)
-    facts["upsampling_subjects"] = subjects
     sidx = even_indices(test.n, ec.surface_faces)
     rows = []
-    facts["upsampling"] = {}
+    meshes = {}
     for frac in ec.upsampling_fractions:
         coarse = make_coarse(ctx.template, frac)
         kept, unseen = coarse.kept, coarse.unseen
         tag = fraction_tag(frac)
-        facts["upsampling"][tag] = {"kept": coarse.n_kept, "coarse_triangles": int(len(coarse.faces)),
-                                    "outside": int((~coarse.inside).sum())}
+        meshes[tag] = {"kept": coarse.n_kept, "coarse_triangles": int(len(coarse.faces)),
+                       "outside": int((~coarse.inside).sum())}
 
         def add(method: str, dim: int, pred: np.ndarray, note: str = ""):
             s = score_faces(pred, test.vertices, ctx.faces, surface_idx=sidx, **kw)
@@ -553,7 +556,7 @@ def _upsampling(ctx: _Ctx, facts: dict) -> pd.DataFrame:
             add(method, fits.dim, coarse.interpolate(fits.vertices), "barycentric on the coarse mesh")
         # the best any coarse-mesh interpolation can do: the true kept vertices, interpolated
         add("coarse target", 0, coarse.interpolate(test.vertices[:, kept]), "oracle: true seen vertices")
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), {"upsampling_subjects": subjects, "upsampling": meshes}
 
 
 # --------------------------------------------------------------------------- timing
@@ -571,7 +574,7 @@ def _train_seconds(ctx: _Ctx, method: str) -> float:
     return float("nan")
 
 
-def _timing(ctx: _Ctx, facts: dict) -> pd.DataFrame:
+def _timing(ctx: _Ctx) -> pd.DataFrame:
     from cm3dmm.upsampling import fraction_method
 
     rows = []
@@ -609,133 +612,60 @@ def _timing(ctx: _Ctx, facts: dict) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- protocol
+#: the protocol's text, with ``${name}`` fields filled by :func:`_protocol` (package data)
+PROTOCOL_TEMPLATE = "evaluate_protocol.md"
+
+
 def _protocol(ctx: _Ctx, facts: dict) -> str:
+    """``protocol.md``: :data:`PROTOCOL_TEMPLATE` filled with the run's settings and ``facts``."""
+    from importlib.resources import files
+    from string import Template
+
     from cm3dmm.baselines import RANK_TOL
     from cm3dmm.paths import other_mode
 
-    ec, fc = ctx.ec, ctx.cfg.fit
+    ec, fc, mc = ctx.ec, ctx.cfg.fit, ctx.cfg.model
     rank, n_train = facts["rank"], facts["n_train_faces"]
     ev = facts["explained_variance_cumulative"]
-    tst = ", ".join(ctx.test_subjects)
-    trs = ", ".join(ctx.train_subjects) if ctx.train_subjects else "(none: evaluate.train_subjects = 0)"
     sf = facts.get("surface_faces", {})
-    lines = [
-        f"# Evaluation protocol: run `{ctx.cfg.run}`",
-        "",
-        "Every number in the tables beside this file was computed by `cm3dmm evaluate` "
-        "(`cm3dmm.evaluate.run_evaluate`) as described here. Units: millimetres.",
-        "",
-        "## Data",
-        f"- Source `{ctx.data.source}`: {ctx.data.n_samples} registered faces, {ctx.data.n_vertices} vertices, "
-        f"{len(ctx.data.faces)} triangles each (`data/registered.h5`).",
-        f"- Test subjects ({len(ctx.test_subjects)}, {ctx.test.n} faces, every expression each): {tst}.",
-        f"- Training split: {len(ctx.train_subjects_all)} subjects, {n_train} faces. Representation power is "
-        f"measured on {len(ctx.train_subjects)} of them chosen evenly in file order "
-        f"(`evaluate.train_subjects` = {ec.train_subjects}): {trs}"
-        + (f" ({ctx.train.n} faces)." if ctx.train is not None else "."),
-        f"- **Rank of the training data**: the mean-centred training faces ({n_train} x {3 * ctx.data.n_vertices} "
-        f"coordinates) have numerical rank **{rank}** (singular values above {RANK_TOL:g} of the largest). A PCA with "
-        f"{rank} components reproduces every training face exactly (up to the fit's prior); its training rows "
-        "in `reconstruction` must show (near) zero error. Cumulative explained variance: "
-        + ", ".join(f"{d} -> {ev[d - 1]:.4f}" for d in sorted({1, 2, 4, 8, 16, 32, 64, rank}) if d <= len(ev)) + ".",
-        "",
-        "## Fits",
-        f"- Test subjects: the `fit` stage's files `fits/{{method}}/{{subject}}.npz` (optimiser `{fc.optimizer}`, "
-        f"mode `{fc.mode}`, max_iter {fc.max_iter}, prior_weight {fc.prior_weight:g}, points {fc.points}, "
-        f"polish_iters {fc.polish_iters}), fitted to the registered test meshes (vertex correspondence).",
-        "- Training subset: the `fit` stage's files of those subjects (same function, "
-        "`cm3dmm.fit.fit_registered`, and settings, per subject: all its expressions at once"
-        + (f", objective `fit.loss = {fc.loss}`)." if fc.loss != "squared" else ")."),
-        "- Other sizes and the other code sharing (notes `fit_size`): rule `fit_size` (`cm3dmm.sizes`), "
-        "the same fitter and settings, `fits/{variant}/{subject}.npz`; the continuous model's second test "
-        f"row fits with `fit.mode = {other_mode(fc.mode)}`."
-        + (" PCA fits of rules `fit_size` and `fit_upsampling` use the closed form of the same objective "
-           "(`cm3dmm.sizes.pca_closed_codes`: the regularised normal equations, which the fitter solves "
-           "exactly in one step)." if fc.loss == "squared" else ""),
-        "- PCA sizes other than the trained one are truncations of one exact PCA of all training faces "
-        "(`cm3dmm.baselines.fit_pca`, `fits/pca_dim{d}/`, `fits/pca_rank/`); a requested size above the rank "
-        "is reported at the rank.",
-        "- This stage fits and trains nothing: it reads the fit files and the models (to decode the "
-        "continuous models' level meshes and the upsampling models at every vertex's UV) and scores them; "
-        "the one exact PCA of the training faces above gives the rank, the explained variance and the "
-        "PCA sweep (closed form).",
-        _sizes_text(ctx.cfg, facts),
-        "",
-        "## Metrics (`cm3dmm.metrics`)",
-        "- **mean vertex error**: per face the mean Euclidean distance between corresponding vertices of fit "
-        "and target; the table gives the mean over faces (the quantity the paper calls \"MSE (mm)\").",
-        "- **RMSE**: root mean square of the vertex distances over every vertex of every face.",
-        f"- **CD** (Chamfer distance): {ec.chamfer_points} points sampled uniformly by area on each mesh "
-        f"(target samples with seed {ec.seed}, prediction samples with seed {ec.seed + 1}, the same for every "
-        "method), exact point-to-surface distances to the other mesh, CD = (mean pred->target + mean "
-        "target->pred) / 2 (unsquared). Target surface: the registered mesh. Mean over faces.",
-        "- **NC**: mean |cos| between the face normal at each sample and at its closest point on the other "
-        "mesh, both directions.",
-        f"- **F@{ec.fscore_threshold:g}mm**: F-score of the same samples at {ec.fscore_threshold:g} mm "
-        "(precision: prediction samples within the threshold of the target; recall: the reverse).",
-        f"- Surface metrics (CD, NC, F) are computed on {sf.get('test', 0)} test faces and {sf.get('train', 0)} "
-        f"training faces (`evaluate.surface_faces` = {ec.surface_faces}; 0 = every face; faces chosen evenly); "
-        "vertex errors always on every face.",
-        "- **CD Ll**: the continuous model decoded at the points of upsampling level l (each template "
-        "triangle split into 4^l, `template/template.npz`) against the registered target. Baselines are "
-        "piecewise linear on the template triangles, so their level-l surface is their level-0 surface and "
-        "their level-0 CD is repeated.",
-        "- **regions**: vertex errors over the vertices of each template region (`template.regions`); region "
-        "CD / F assign each surface sample to the region of its nearest triangle corner on the prediction.",
-        "",
-        "## PCA sweep (`pca_sweep`)",
-        f"- Sizes 1..{rank} (every size up to {SWEEP_ALL_UP_TO}, log-spaced above), mean vertex error of the "
-        f"regularised least-squares fit (closed form; squared distances plus prior_weight x V = "
-        f"{fc.prior_weight:g} x {ctx.data.n_vertices} times the code prior, i.e. the fit stage's objective "
-        "with `fit.loss = squared`), on the test faces and the training subset; the last column "
-        "without the prior (plain least squares: exactly 0 at the rank on training faces).",
-        "",
-        "## Semantic upsampling (`upsampling`)",
-        f"- Test subjects: {', '.join(facts.get('upsampling_subjects', []))} (`evaluate.upsampling_subjects` = "
-        f"{ec.upsampling_subjects}; spread evenly, 0 = all), every expression.",
-        "- For each fraction f in `evaluate.upsampling_fractions`: K = ceil(f V) template vertices chosen by "
-        "farthest-point sampling on the mean face (3-D, starting at the vertex nearest its centroid), "
-        "triangulated by a Delaunay triangulation of their UVs (triangles whose UV centroid lies off the "
-        "template's chart dropped). Every template vertex is located on this coarse mesh in UV.",
-        "- cm3dmm: a continuous model trained only on the kept vertices (`models/cm3dmm_frac{f}/`, "
-        f"{ec.upsampling_steps or ctx.cfg.train.steps} steps, no continuous surface samples, the coarse mesh as "
-        "its template so its average face is the coarse mean; rule `train_upsampling`), fitted to the kept "
-        "vertices of each test face (rule `fit_upsampling`, `fits/cm3dmm_frac{f}/`), then queried at the UV of "
-        "every template vertex"
-        + (f" (its field between the kept vertices: `model.interpolation = {ctx.cfg.model.interpolation}`, "
-           f"smoothness {ctx.cfg.model.smoothness:g}, `cm3dmm.nn.smooth`)." if ctx.cfg.model.interpolation == "smooth"
-           else ".")
-        + " Rows `cm3dmm` of the reconstruction table say how its codes were fitted: per face (like PCA) or "
-        "with one identity code shared by a subject's expressions.",
-        "- pca / bilinear: trained on the kept vertices of all training faces and fitted to the kept vertices "
-        "of each test face (rule `fit_upsampling`, `fits/{method}_frac{f}/`), then interpolated "
-        "barycentrically on the coarse mesh to every vertex.",
-        "- coarse target: the test face's own kept vertices interpolated the same way (the best any "
-        "interpolation of the coarse mesh can do).",
-        "- error columns: mean vertex error over all V vertices and over the unseen (V - K) vertices only; "
-        "CD as above against the full registered target.",
-        "",
-        "## Scan fits",
-        "- Correspondence-free fits of scans made from the test faces: rule `scan_fits`, its table "
-        "`scan_fits.md` and its own protocol `scan_fits_protocol.md` beside this file.",
-        "",
-        "## Timing (`timing`)",
-        "- training: the wall time recorded by training (`train_log.csv` elapsed_s, or the baseline's "
-        "`summary.json`), on the machine that trained.",
-        "- fit per face: the fit stage's `timings_s.per_face` (`fits/{method}/{subject}.json`), mean over "
-        "test subjects.",
-        f"- mesh generation: measured here: one face (the prior-mean codes) meshed at each upsampling level, "
-        f"median of {max(1, ec.timing_repeats)} runs after one warm-up, single process, "
-        f"{torch.get_num_threads()} torch threads.",
-        "",
-    ]
     up = facts.get("upsampling", {})
-    if up:
-        lines += ["## Coarse meshes", ""]
-        lines += [f"- f = {k}: {v['kept']} vertices, {v['coarse_triangles']} triangles, {v['outside']} "
-                  "template vertices outside them (nearest boundary point used)" for k, v in up.items()]
-        lines.append("")
-    return "\n".join(lines)
+    fields = {
+        "run": ctx.cfg.run, "source": ctx.data.source, "n_samples": ctx.data.n_samples,
+        "n_vertices": ctx.data.n_vertices, "n_triangles": len(ctx.data.faces),
+        "n_test_subjects": len(ctx.test_subjects), "n_test_faces": ctx.test.n,
+        "test_subjects": ", ".join(ctx.test_subjects),
+        "n_train_subjects_all": len(ctx.train_subjects_all), "n_train": n_train,
+        "n_train_subjects": len(ctx.train_subjects), "train_subjects_setting": ec.train_subjects,
+        "train_subjects": (", ".join(ctx.train_subjects) if ctx.train_subjects
+                           else "(none: evaluate.train_subjects = 0)"),
+        "train_faces": f" ({ctx.train.n} faces)." if ctx.train is not None else ".",
+        "n_coordinates": 3 * ctx.data.n_vertices, "rank": rank, "rank_tol": f"{RANK_TOL:g}",
+        "explained_variance": ", ".join(f"{d} -> {ev[d - 1]:.4f}" for d in sorted({1, 2, 4, 8, 16, 32, 64, rank})
+                                        if d <= len(ev)),
+        "optimizer": fc.optimizer, "mode": fc.mode, "max_iter": fc.max_iter, "prior_weight": f"{fc.prior_weight:g}",
+        "points": fc.points, "polish_iters": fc.polish_iters,
+        "loss_note": f", objective `fit.loss = {fc.loss}`)." if fc.loss != "squared" else ").",
+        "other_mode": other_mode(fc.mode),
+        "closed_form_note": (" PCA fits of rules `fit_size` and `fit_upsampling` use the closed form of the same "
+                             "objective (`cm3dmm.sizes.pca_closed_codes`: the regularised normal equations, which "
+                             "the fitter solves exactly in one step)." if fc.loss == "squared" else ""),
+        "other_sizes": _sizes_text(ctx.cfg, facts),
+        "chamfer_points": ec.chamfer_points, "seed": ec.seed, "seed_pred": ec.seed + 1,
+        "fscore_threshold": f"{ec.fscore_threshold:g}", "surface_test": sf.get("test", 0),
+        "surface_train": sf.get("train", 0), "surface_faces": ec.surface_faces, "sweep_all_up_to": SWEEP_ALL_UP_TO,
+        "upsampling_subjects": ", ".join(facts.get("upsampling_subjects", [])),
+        "upsampling_subjects_setting": ec.upsampling_subjects,
+        "upsampling_steps": ec.upsampling_steps or ctx.cfg.train.steps,
+        "interpolation_note": (f" (its field between the kept vertices: `model.interpolation = {mc.interpolation}`, "
+                               f"smoothness {mc.smoothness:g}, `cm3dmm.nn.smooth`)." if mc.interpolation == "smooth"
+                               else "."),
+        "timing_repeats": max(1, ec.timing_repeats), "torch_threads": torch.get_num_threads(),
+        "coarse_meshes": ("\n## Coarse meshes\n\n" + "\n".join(
+            f"- f = {k}: {v['kept']} vertices, {v['coarse_triangles']} triangles, {v['outside']} template "
+            "vertices outside them (nearest boundary point used)" for k, v in up.items()) if up else ""),
+    }
+    text = Template(files("cm3dmm").joinpath(PROTOCOL_TEMPLATE).read_text(encoding="utf-8")).substitute(fields)
+    return text.rstrip("\n") + "\n"
 
 
 # --------------------------------------------------------------------------- entry point
@@ -745,13 +675,15 @@ def run_evaluate(cfg) -> Evaluation:
         torch.set_num_threads(cfg.train.threads)
     t0 = time.perf_counter()
     ctx = _Ctx(cfg)
-    facts: dict = {}
-    recon, regions, sweep = _reconstruction(ctx, facts)
+    recon, regions, sweep, facts = _reconstruction(ctx)
     log.info("evaluate: reconstruction done (%.1f s)", time.perf_counter() - t0)
-    upsampling = _upsampling(ctx, facts) if ctx.ec.upsampling_fractions else \
-        pd.DataFrame({"Note": ["no upsampling fractions configured (evaluate.upsampling_fractions)"]})
+    if ctx.ec.upsampling_fractions:
+        upsampling, up_facts = _upsampling(ctx)
+        facts = {**facts, **up_facts}
+    else:
+        upsampling = pd.DataFrame({"Note": ["no upsampling fractions configured (evaluate.upsampling_fractions)"]})
     log.info("evaluate: upsampling done (%.1f s)", time.perf_counter() - t0)
-    timing = _timing(ctx, facts)
+    timing = _timing(ctx)
     rank = facts["rank"]
     out = ctx.paths.tables_dir
     tables = {"reconstruction": recon, "regions": regions, "pca_sweep": sweep, "upsampling": upsampling,

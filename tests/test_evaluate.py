@@ -88,6 +88,18 @@ def test_tables_and_protocol_written(tiny_run):
     assert ", ".join(data.subjects("test")) in text
     assert paths.protocol.with_suffix(".html").exists()
     assert set(ev.tables) == set(TABLES)
+    # protocol.md is cm3dmm/evaluate_protocol.md with every field filled from the run and its facts
+    assert "$" not in text and text.endswith("torch threads.\n\n## Coarse meshes\n\n" + "\n".join(
+        f"- f = {tag}: {m['kept']} vertices, {m['coarse_triangles']} triangles, {m['outside']} template vertices "
+        "outside them (nearest boundary point used)" for tag, m in ev.facts["upsampling"].items()) + "\n")
+    # the facts each table function returns, merged: all of them reach facts.json (written with sorted keys)
+    facts = json.loads(paths.facts.read_text())
+    assert sorted(facts) == sorted(ev.facts) == sorted([
+        "surface_faces", "rank", "n_train_faces", "explained_variance_cumulative", "model_dims", "bilinear_dims",
+        "fit_seconds_per_face", "upsampling_subjects", "upsampling"])
+    assert list(facts["upsampling"]) == ["0.5", "1"] and facts["upsampling"]["1"]["kept"] == data.n_vertices
+    assert facts["model_dims"] == sorted({4, 6} - {cfg.model.id_dim + cfg.model.exp_dim})
+    assert facts["surface_faces"] == {"test": 3, "train": 2 * 3}  # surface_faces 0: every face
 
 
 def test_test_rows_equal_direct_metrics(tiny_run):
