@@ -277,8 +277,8 @@ def closest_points_on_mesh(
     force. Ball queries are split so that at most ``pair_budget`` candidate pairs are held
     at once, which bounds memory for points far from the mesh.
 
-    ``workers`` > 1 projects chunks of points in that many threads (the same result; ~1.5x on two
-    cores for 10k points).
+    ``workers`` > 1 projects chunks of points in that many threads (the same result; measured
+    1.07-1.34x with 2 threads on a loaded 2-core machine, benchmarks/README.md).
 
     ``max_distance``: when given, points farther than this from the mesh get an upper bound
     (> max_distance) instead of their exact distance, which saves work when only points

@@ -57,10 +57,6 @@ def set_workers(n: int) -> None:
     _workers = max(1, int(n))
 
 
-def get_workers() -> int:
-    return _workers
-
-
 # --------------------------------------------------------------------------- validation
 def _as_batch(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     p = np.asarray(pred, dtype=np.float64)
