@@ -4,7 +4,8 @@
     run_train_size(cfg, dim)      rule train_size: the continuous model at another code size
                                   -> models/cm3dmm_dim{dim}/model.pt
     run_fit_size(cfg, variant)    rule fit_size: one variant's fits of the test subjects and of the
-                                  training subset -> fits/{variant}/{subject}.npz|json|png
+                                  training subset -> fits/{variant}/{subject}.npz|json (+ the first
+                                  subject's .png)
 
 The variants (:func:`cm3dmm.paths.size_variants`):
 
