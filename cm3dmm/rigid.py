@@ -9,7 +9,9 @@
   do not pull the alignment.
 * :func:`initial_alignments` / :func:`align_to_reference` — a robust start without landmarks:
   centroids, principal axes (all proper sign choices) and a few rotations about the
-  identity, each refined by a short trimmed ICP; the best trimmed error wins.
+  identity, each also centred on the halves of the reference (a partial scan's centroid is not
+  the face's), screened by a very short trimmed ICP; the best few are refined further and the
+  best trimmed error wins.
 
 A :class:`Similarity` maps points ``p -> scale * R p + t``. Shapes: ``M`` points.
 """
@@ -30,6 +32,15 @@ log = logging.getLogger(__name__)
 #: not separate them reliably
 TIE_FACTOR = 1.0
 TIE_MM = 0.0
+#: rigid initialisation without landmarks: every candidate gets SCREEN_ITERS nearest-vertex ICP
+#: iterations on SCREEN_POINTS scan points; the SCREEN_KEEP best go on to COARSE_ITERS on
+#: COARSE_POINTS (a half-face scan: the right pose is found from a half-centred candidate only,
+#: benchmarks/README.md "Scan fits (issue 14)")
+SCREEN_POINTS = 200
+SCREEN_ITERS = 6
+SCREEN_KEEP = 8
+COARSE_POINTS = 800
+COARSE_ITERS = 15
 
 
 @dataclass
@@ -156,7 +167,8 @@ class _Reference:
 def trimmed_icp(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray | None,
                 init: Similarity | None = None, trim: float = 0.1, max_iter: int = 40,
                 tol: float = 1e-5, with_scale: bool = False,
-                max_distance: float | None = None, exact: bool = True) -> ICPResult:
+                max_distance: float | None = None, exact: bool = True,
+                reference: "_Reference | None" = None) -> ICPResult:
     """Align ``points`` (M, 3) to the surface (vertices (V, 3), faces (F, 3) or None for a
     point cloud) by trimmed point-to-point ICP, starting from ``init``.
 
@@ -164,13 +176,14 @@ def trimmed_icp(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray | No
     ``trim`` fraction with the largest distances (and those beyond ``max_distance``), and
     solves :func:`umeyama` on the rest. ``exact=False`` pairs points with the nearest reference
     vertex instead of the nearest surface point (coarse and fast). Stops when the trimmed RMSE changes by less than
-    ``tol`` (relative) or after ``max_iter`` iterations.
+    ``tol`` (relative) or after ``max_iter`` iterations. ``reference``: a prebuilt :class:`_Reference`
+    of the same surface (many ICPs against one surface build its search tree once).
     """
     pts = np.asarray(points, dtype=np.float64)
     if not 0 <= trim < 1:
         raise ValueError(f"trim must be in [0, 1), got {trim}")
     cur = init if init is not None else Similarity()
-    ref = _Reference(vertices, faces, exact)
+    ref = reference if reference is not None else _Reference(vertices, faces, exact)
     keep_n = max(3, int(round(len(pts) * (1.0 - trim))))
     prev = np.inf
     rmse = np.inf
@@ -203,6 +216,59 @@ def trimmed_icp(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray | No
     return ICPResult(cur, rmse, it, converged, frac)
 
 
+def _umeyama_batch(src: np.ndarray, dst: np.ndarray, with_scale: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`umeyama` (equal weights) of B problems at once: src, dst (B, K, 3) -> rotations (B, 3, 3),
+    translations (B, 3), scales (B,)."""
+    mu_s = src.mean(axis=1)
+    mu_d = dst.mean(axis=1)
+    xs = src - mu_s[:, None]
+    xd = dst - mu_d[:, None]
+    cov = np.einsum("bkd,bke->bde", xd, xs) / src.shape[1]
+    u, sig, vt = np.linalg.svd(cov)
+    d = np.ones((len(src), 3))
+    d[np.linalg.det(u) * np.linalg.det(vt) < 0, 2] = -1.0
+    rot = (u * d[:, None, :]) @ vt
+    if with_scale:
+        var_s = (xs * xs).sum(axis=2).mean(axis=1)
+        scale = np.where(var_s > 0, (sig * d).sum(axis=1) / np.where(var_s > 0, var_s, 1.0), 1.0)
+    else:
+        scale = np.ones(len(src))
+    trans = mu_d - scale[:, None] * np.einsum("bij,bj->bi", rot, mu_s)
+    return rot, trans, scale
+
+
+def _icp_batch(points: np.ndarray, inits: list[Similarity], ref: "_Reference", trim: float, iters: int,
+               with_scale: bool) -> list[ICPResult]:
+    """Nearest-vertex trimmed ICP (:func:`trimmed_icp` with ``exact=False``, no tolerance stop) of
+    the same points from many starts at once: one search-tree query per iteration for all of them."""
+    pts = np.asarray(points, dtype=np.float64)
+    b, m = len(inits), len(pts)
+    keep_n = max(3, int(round(m * (1.0 - trim))))
+    rot = np.stack([t.rotation for t in inits])
+    trans = np.stack([t.translation for t in inits])
+    scale = np.array([t.scale for t in inits], dtype=np.float64)
+
+    def moved_and_closest():
+        moved = scale[:, None, None] * np.einsum("bij,mj->bmi", rot, pts) + trans[:, None, :]
+        dist, j = ref.tree.query(moved.reshape(-1, 3))
+        return moved, dist.reshape(b, m), ref.vertices[j].reshape(b, m, 3)
+
+    rows = np.arange(b)[:, None]
+    for _ in range(iters):
+        moved, dist, closest = moved_and_closest()
+        order = np.argpartition(dist, keep_n - 1, axis=1)[:, :keep_n] if keep_n < m else np.tile(np.arange(m), (b, 1))
+        r, t, s = _umeyama_batch(moved[rows, order], closest[rows, order], with_scale)
+        # compose the step onto the current transform
+        trans = s[:, None] * np.einsum("bij,bj->bi", r, trans) + t
+        rot = r @ rot
+        scale = s * scale
+    _, dist, _ = moved_and_closest()
+    kept = np.sort(dist, axis=1)[:, :keep_n]
+    rmse = np.sqrt((kept ** 2).mean(axis=1))
+    return [ICPResult(Similarity(rot[k], trans[k], scale[k]), float(rmse[k]), iters, False, keep_n / m)
+            for k in range(b)]
+
+
 def _axis_rotation(axis: int, degrees: float) -> np.ndarray:
     a = np.radians(degrees)
     c, s = np.cos(a), np.sin(a)
@@ -227,22 +293,34 @@ def principal_axes(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def initial_alignments(points: np.ndarray, reference: np.ndarray, with_scale: bool = False,
-                       angles: tuple[float, ...] = (30.0, 60.0)) -> list[Similarity]:
+                       angles: tuple[float, ...] = (30.0, 60.0), halves: bool = False) -> list[Similarity]:
     """Candidate similarities mapping ``points`` (M, 3) roughly onto ``reference`` (V, 3).
 
     Centroids are matched; the scale (when ``with_scale``) is the ratio of RMS radii. The
-    rotations: the identity, rotations by ``angles`` about each axis (both signs), and the
-    four proper sign choices of the principal-axes alignment.
+    rotations: the identity, rotations by ``angles`` about each axis (both signs), the four
+    proper sign choices of the principal-axes alignment and a half turn about y. With ``halves``
+    every rotation is repeated with the points' centroid put on the centroid of each half of the
+    reference (split at its centroid along each principal axis; scale from that half's radius):
+    a partial scan (one side of the face) covers one half, and ICP from the whole face's centroid
+    does not slide it that far. The first candidates are those without ``halves``.
     """
     p = np.asarray(points, dtype=np.float64)
     ref = np.asarray(reference, dtype=np.float64)
     cp, ap = principal_axes(p)
     cr, ar = principal_axes(ref)
-    scale = 1.0
-    if with_scale:
-        rp = np.sqrt(((p - cp) ** 2).sum(axis=1).mean())
-        rr = np.sqrt(((ref - cr) ** 2).sum(axis=1).mean())
-        scale = float(rr / rp) if rp > 0 else 1.0
+    rp = np.sqrt(((p - cp) ** 2).sum(axis=1).mean())
+
+    def radius(part: np.ndarray, centre: np.ndarray) -> float:
+        return float(np.sqrt(((part - centre) ** 2).sum(axis=1).mean()))
+
+    targets = [(cr, radius(ref, cr))]
+    if halves:
+        for k in range(3):
+            side = (ref - cr) @ ar[:, k]
+            for part in (ref[side > 0], ref[side < 0]):
+                if len(part) >= 3:
+                    c = part.mean(axis=0)
+                    targets.append((c, radius(part, c)))
     rots = [np.eye(3)]
     for axis in range(3):
         for a in angles:
@@ -250,7 +328,11 @@ def initial_alignments(points: np.ndarray, reference: np.ndarray, with_scale: bo
     for signs in ((1, 1, 1), (-1, -1, 1), (-1, 1, -1), (1, -1, -1)):
         rots.append(ar @ np.diag(signs) @ ap.T)
     rots.append(_axis_rotation(1, 180.0))
-    return [Similarity(r, cr - scale * r @ cp, scale) for r in rots]
+    out = []
+    for centre, rr in targets:
+        scale = float(rr / rp) if with_scale and rp > 0 else 1.0
+        out += [Similarity(r, centre - scale * r @ cp, scale) for r in rots]
+    return out
 
 
 def align_to_reference(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray | None,
@@ -258,19 +340,26 @@ def align_to_reference(points: np.ndarray, vertices: np.ndarray, faces: np.ndarr
                        max_points: int = 4000, seed: int = 0, refine_iters: int = 25) -> ICPResult:
     """Robust rigid (+ scale) alignment of ``points`` (M, 3) to a reference surface.
 
-    Without ``init``: every :func:`initial_alignments` candidate gets a short trimmed ICP
-    (on at most ``max_points`` random points); the lowest trimmed RMSE is refined to
-    convergence (at most ``refine_iters`` exact iterations). With ``init`` (e.g. from landmarks):
-    only the refinement.
+    Without ``init``: every :func:`initial_alignments` candidate (``halves`` on) gets a very short
+    nearest-vertex trimmed ICP on :data:`SCREEN_POINTS` random points, the :data:`SCREEN_KEEP` best
+    a longer one on :data:`COARSE_POINTS`; the lowest trimmed RMSE (least rotated among ties) is
+    refined on at most ``max_points`` random points (at most ``refine_iters`` exact iterations).
+    With ``init`` (e.g. from landmarks): only the refinement.
     """
     pts = np.asarray(points, dtype=np.float64)
     rng = np.random.default_rng(seed)
     sub = pts if len(pts) <= max_points else pts[rng.choice(len(pts), max_points, replace=False)]
     if init is None:
-        coarse = sub if len(sub) <= 800 else sub[rng.choice(len(sub), 800, replace=False)]
-        results = [trimmed_icp(coarse, vertices, faces, cand, trim=max(trim, 0.2), max_iter=15,
-                               with_scale=with_scale, exact=False)
-                   for cand in initial_alignments(sub, vertices, with_scale=with_scale)]
+        coarse = sub if len(sub) <= COARSE_POINTS else sub[rng.choice(len(sub), COARSE_POINTS, replace=False)]
+        screen = coarse if len(coarse) <= SCREEN_POINTS else coarse[rng.choice(len(coarse), SCREEN_POINTS,
+                                                                                 replace=False)]
+        near_ref = _Reference(vertices, None, exact=False)
+        t_screen = max(trim, 0.2)
+        cands = initial_alignments(sub, vertices, with_scale=with_scale, halves=True)
+        screened = _icp_batch(screen, cands, near_ref, t_screen, SCREEN_ITERS, with_scale)
+        order = sorted(range(len(cands)), key=lambda i: screened[i].rmse)[:SCREEN_KEEP]
+        results = _icp_batch(coarse, [screened[i].transform for i in order], near_ref, t_screen, COARSE_ITERS,
+                             with_scale)
         # a partial scan (half a face) fits a mirrored or turned-around placement about as well as
         # the right one; scanners deliver faces roughly upright, so among the candidates that fit
         # about equally well (TIE_FACTOR x the best trimmed RMSE + TIE_MM) the least rotated wins
@@ -278,6 +367,6 @@ def align_to_reference(points: np.ndarray, vertices: np.ndarray, faces: np.ndarr
         near = [r for r in results if r.rmse <= low * TIE_FACTOR + TIE_MM]
         best = min(near, key=lambda r: rotation_angle(r.transform.rotation))
         init = trimmed_icp(sub, vertices, faces, best.transform, trim=trim, max_iter=30, with_scale=with_scale,
-                           exact=False).transform
-        log.info("rigid init: best candidate trimmed RMSE %.3f mm", best.rmse)
+                           exact=False, reference=near_ref).transform
+        log.info("rigid init: best of %d candidates, trimmed RMSE %.3f mm", len(cands), best.rmse)
     return trimmed_icp(sub, vertices, faces, init, trim=trim, max_iter=refine_iters, with_scale=with_scale)
