@@ -82,6 +82,32 @@ def test_registered_truncated_and_tampered(tmp_path):
         read_registered(tmp_path / "missing.h5")
 
 
+def test_registered_subject_read_is_the_same_rows(tmp_path):
+    """The fit stage reads one subject's rows only (680 MB on the ICT run): the same meshes and names as
+    the whole file's rows of that subject; their numbers are still validated; an unknown subject names
+    the test subjects."""
+    data = make_registered()
+    path = tmp_path / "registered.h5"
+    write_registered(path, data)
+    whole = read_registered(path, with_scans=False)
+    test = whole.subjects("test")
+    pick = [test[-1], whole.subjects("train")[0]]
+    part = read_registered(path, with_scans=False, subjects=pick)
+    rows = [i for i, s in enumerate(whole.subject) if s in pick]
+    np.testing.assert_array_equal(part.vertices, whole.vertices[rows])
+    assert part.subject == [whole.subject[i] for i in rows]
+    assert part.expression == [whole.expression[i] for i in rows]
+    assert part.split == [whole.split[i] for i in rows]
+    one = read_registered(path, with_scans=False, subjects=[test[0]])
+    assert one.subjects() == [test[0]] and set(one.split) == {"test"}  # one split only: allowed
+    with pytest.raises(InputError, match=r"\['nobody'\] are not in the dataset \(test subjects: \[" + repr(test[0])):
+        read_registered(path, subjects=["nobody"])
+    with h5py.File(path, "r+") as h:
+        h["vertices"][rows[0], 2, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        read_registered(path, subjects=pick)
+
+
 @pytest.mark.parametrize("mutate, pattern", [
     (lambda d: d.vertices.__setitem__((1, 2, 0), np.nan), "NaN"),
     (lambda d: d.vertices.__imul__(0.001), "implausible.*metres"),

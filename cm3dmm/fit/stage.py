@@ -75,11 +75,8 @@ def run_fit(cfg, method: str | None = None, subject: str | None = None, model: s
             raise InputError("give --subject (a test subject of the run) or --scan FILE")
         from cm3dmm.registered import read_registered
 
-        data = read_registered(paths.registered, with_scans=False)
-        idx = [i for i, s in enumerate(data.subject) if s == subject]
-        if not idx:
-            raise InputError(f"subject {subject!r} is not in the dataset (test subjects: "
-                             f"{data.subjects('test')[:10]})", paths.registered)
+        data = read_registered(paths.registered, with_scans=False, subjects=[subject])
+        idx = list(range(len(data.subject)))  # the subject's meshes only (a missing one: InputError)
         if data.n_vertices != fm.n_vertices:
             raise InputError(f"the dataset has {data.n_vertices} vertices per mesh, the {method} model "
                              f"{fm.n_vertices}: retrain the model for this dataset", model_path)
