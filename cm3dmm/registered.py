@@ -260,6 +260,7 @@ def read_registered(path: str | os.PathLike, with_scans: bool = True,
                 keep = set(wanted)
                 rows = np.array([i for i, s in enumerate(subject) if s in keep], dtype=np.int64)
                 subject, expression, split = ([x[i] for i in rows] for x in (subject, expression, split))
+                new_row = {int(r): k for k, r in enumerate(rows)}  # scans are keyed by row
             landmarks = {}
             if "landmarks" in h:
                 names = [n.decode() if isinstance(n, bytes) else str(n) for n in h["landmarks"].attrs["names"]]
@@ -270,8 +271,11 @@ def read_registered(path: str | os.PathLike, with_scans: bool = True,
                 for key in g:
                     if key.endswith("_faces"):
                         continue
+                    row = int(key) if rows is None else new_row.get(int(key))
+                    if row is None:  # another subject's scan
+                        continue
                     tris = g[f"{key}_faces"][()] if f"{key}_faces" in g else None
-                    scans[int(key)] = (g[key][()], tris)
+                    scans[row] = (g[key][()], tris)
             data = RegisteredData(
                 vertices=(h["vertices"][()] if rows is None else h["vertices"][rows] if len(rows)
                           else np.zeros((0,) + h["vertices"].shape[1:], h["vertices"].dtype)),

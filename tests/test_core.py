@@ -87,6 +87,8 @@ def test_registered_subject_read_is_the_same_rows(tmp_path):
     the whole file's rows of that subject; their numbers are still validated; an unknown subject names
     the test subjects."""
     data = make_registered()
+    rng = np.random.default_rng(0)
+    data.scans = {i: (rng.normal(size=(20 + i, 3)).astype(np.float32), None) for i in range(len(data.subject))}
     path = tmp_path / "registered.h5"
     write_registered(path, data)
     whole = read_registered(path, with_scans=False)
@@ -94,6 +96,10 @@ def test_registered_subject_read_is_the_same_rows(tmp_path):
     pick = [test[-1], whole.subjects("train")[0]]
     part = read_registered(path, with_scans=False, subjects=pick)
     rows = [i for i, s in enumerate(whole.subject) if s in pick]
+    scans = read_registered(path, subjects=pick).scans  # keyed by the rows read
+    assert sorted(scans) == list(range(len(rows)))
+    for k, r in enumerate(rows):
+        np.testing.assert_array_equal(scans[k][0], data.scans[r][0])
     np.testing.assert_array_equal(part.vertices, whole.vertices[rows])
     assert part.subject == [whole.subject[i] for i in rows]
     assert part.expression == [whole.expression[i] for i in rows]
