@@ -112,23 +112,31 @@ def umeyama(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None,
     w = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
     if w.shape != (len(src),) or (w < 0).any() or not w.sum() > 0:
         raise ValueError("weights must be (M,) non-negative with a positive sum")
-    w = w / w.sum()
-    mu_s = w @ src
-    mu_d = w @ dst
-    xs = src - mu_s
-    xd = dst - mu_d
-    cov = (xd * w[:, None]).T @ xs  # (3, 3) = sum w d s^T
+    rot, trans, scale = _umeyama_batch(src[None], dst[None], with_scale, (w / w.sum())[None])
+    return Similarity(rot[0], trans[0], scale[0])
+
+
+def _umeyama_batch(src: np.ndarray, dst: np.ndarray, with_scale: bool, weights: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`umeyama` of B problems at once (no input checks): src, dst (B, K, 3), weights (B, K)
+    summing to 1 per problem (None: equal) -> rotations (B, 3, 3), translations (B, 3), scales (B,)."""
+    w = np.full(src.shape[:2], 1.0 / src.shape[1]) if weights is None else weights
+    mu_s = (w[:, None] @ src)[:, 0]
+    mu_d = (w[:, None] @ dst)[:, 0]
+    xs = src - mu_s[:, None]
+    xd = dst - mu_d[:, None]
+    cov = (xd * w[..., None]).transpose(0, 2, 1) @ xs  # (B, 3, 3) = sum w d s^T
     u, sig, vt = np.linalg.svd(cov)
-    d = np.ones(3)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        d[2] = -1.0
-    rot = (u * d) @ vt
+    d = np.ones((len(src), 3))
+    d[np.linalg.det(u) * np.linalg.det(vt) < 0, 2] = -1.0
+    rot = (u * d[:, None, :]) @ vt
     if with_scale:
-        var_s = float(w @ (xs * xs).sum(axis=1))
-        scale = float((sig * d).sum() / var_s) if var_s > 0 else 1.0
+        var_s = np.einsum("bk,bk->b", w, (xs * xs).sum(axis=2))
+        scale = np.where(var_s > 0, (sig * d).sum(axis=1) / np.where(var_s > 0, var_s, 1.0), 1.0)
     else:
-        scale = 1.0
-    return Similarity(rot, mu_d - scale * rot @ mu_s, scale)
+        scale = np.ones(len(src))
+    trans = mu_d - scale[:, None] * np.einsum("bij,bj->bi", rot, mu_s)
+    return rot, trans, scale
 
 
 @dataclass
@@ -214,27 +222,6 @@ def trimmed_icp(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray | No
     kept = np.sort(dist)[:keep_n]
     rmse = float(np.sqrt(np.mean(kept ** 2)))
     return ICPResult(cur, rmse, it, converged, frac)
-
-
-def _umeyama_batch(src: np.ndarray, dst: np.ndarray, with_scale: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`umeyama` (equal weights) of B problems at once: src, dst (B, K, 3) -> rotations (B, 3, 3),
-    translations (B, 3), scales (B,)."""
-    mu_s = src.mean(axis=1)
-    mu_d = dst.mean(axis=1)
-    xs = src - mu_s[:, None]
-    xd = dst - mu_d[:, None]
-    cov = np.einsum("bkd,bke->bde", xd, xs) / src.shape[1]
-    u, sig, vt = np.linalg.svd(cov)
-    d = np.ones((len(src), 3))
-    d[np.linalg.det(u) * np.linalg.det(vt) < 0, 2] = -1.0
-    rot = (u * d[:, None, :]) @ vt
-    if with_scale:
-        var_s = (xs * xs).sum(axis=2).mean(axis=1)
-        scale = np.where(var_s > 0, (sig * d).sum(axis=1) / np.where(var_s > 0, var_s, 1.0), 1.0)
-    else:
-        scale = np.ones(len(src))
-    trans = mu_d - scale[:, None] * np.einsum("bij,bj->bi", rot, mu_s)
-    return rot, trans, scale
 
 
 def _icp_batch(points: np.ndarray, inits: list[Similarity], ref: "_Reference", trim: float, iters: int,
