@@ -75,13 +75,13 @@ def run_fit(cfg, method: str | None = None, subject: str | None = None, model: s
             raise InputError("give --subject (a test subject of the run) or --scan FILE")
         from cm3dmm.registered import read_registered
 
+        # the subject's meshes only (one it lacks: InputError)
         data = read_registered(paths.registered, with_scans=False, subjects=[subject])
-        idx = list(range(len(data.subject)))  # the subject's meshes only (a missing one: InputError)
         if data.n_vertices != fm.n_vertices:
             raise InputError(f"the dataset has {data.n_vertices} vertices per mesh, the {method} model "
                              f"{fm.n_vertices}: retrain the model for this dataset", model_path)
-        targets = data.vertices[idx].astype(np.float64)
-        expressions = [data.expression[i] for i in idx]
+        targets = data.vertices.astype(np.float64)
+        expressions = list(data.expression)
         subj = subject
         result = fit_registered(fm, targets, fc)
         kind = "registered"
